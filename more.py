@@ -1,0 +1,610 @@
+"""The MoRE policy: a 4-bit QLoRA Qwen2.5-VL, the step protocol it speaks, and its log-probs.
+
+Read top to bottom: architecture presets → the tiny offline model → loading the policy →
+the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs →
+the `python more.py --config C "question"` command.
+
+The protocol is the one released with MoRE (arXiv 2505.22095): a plan step writes
+`<think>…</think><sub-question>…</sub-question><ret>…</ret>`, an answer step writes
+`<think>…</think><answer>…</answer>`. Nothing here knows about rewards or optimisers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------
+# Architecture presets. The 3B and 7B shapes are written down from the public config.json files of
+# Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct, so that `random_init` can build the
+# full-size network for memory benchmarks without a download.
+
+_VISION_FULL = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+ARCH_PRESETS = {
+    # Small enough to sample and train on two CPU cores in seconds (see ENV.md for timings).
+    "tiny": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=2048),
+                 vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=2)),
+    # The standard CPU benchmark workload of bench.py (vocabulary ~2,000 as in the tiny model).
+    "bench-standard": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=2048),
+                           vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=2)),
+    "qwen2.5-vl-3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                    tie_word_embeddings=True),
+                          vision=_VISION_FULL),
+    "qwen2.5-vl-7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                    tie_word_embeddings=False),
+                          vision=_VISION_FULL),
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+# A random or young policy samples these; the next forward then fails with "Image features and image
+# tokens do not match" (ENV.md, gotcha 2). They are never valid output, so they are outside the policy.
+VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+def build_arch_config(arch: str, tokenizer):
+    """A Qwen2_5_VLConfig for a preset, with special-token ids taken from `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+    if arch not in ARCH_PRESETS:
+        raise ValueError(f"unknown arch {arch!r}; presets: {sorted(ARCH_PRESETS)}")
+    preset = ARCH_PRESETS[arch]
+    text = dict(preset["text"])
+    tie = text.pop("tie_word_embeddings", True)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    # M-RoPE splits each head's rotary half into (time, height, width) sections; Qwen uses 1:1.5:1.5.
+    t = head_dim // 4
+    hw = (head_dim // 2 - t) // 2
+    mrope = [head_dim // 2 - 2 * hw, hw, hw]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope}
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text.update(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    vision = dict(preset["vision"], out_hidden_size=text["hidden_size"])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny offline model: a byte-level BPE tokenizer trained here, an image+text processor, and a
+# randomly initialised Qwen2.5-VL, saved to disk so that it is loaded by the same 4-bit path as a
+# real checkpoint.
+
+def _tokenizer_training_text() -> list[str]:
+    """Text the tiny BPE is trained on: the protocol itself, so tags become few tokens."""
+    experts = [("Text Retriever", "passages of an encyclopedia"),
+               ("Text Image Retriever", "pictures with captions"),
+               ("Table Retriever", "tables of numbers")]
+    lines = [plan_system_prompt(experts), ANSWER_SYSTEM_PROMPT, FINAL_SYSTEM_PROMPT,
+             PASSAGES_HEADER, "Origin question: Sub-question1: Answer1: ter-0: tir-1: tar-2: None"]
+    tags = "<think> </think> <sub-question> </sub-question> <ret> </ret> <answer> </answer>"
+    words = ("what who which where when how many much is was the of a an in on to for by from with "
+             "born year city country river mountain capital population height area founded color "
+             "shape painting picture image table row column value number largest smallest more less "
+             "than and or not yes no none this that entity person place animal plant building")
+    return lines + [tags] * 50 + [words] * 20
+
+
+def build_tiny_tokenizer(vocab_size: int = 2048):
+    """Byte-level BPE with Qwen2's pre-tokenizer: any text encodes (256-byte base alphabet)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(qwen2_split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    n_merges_room = vocab_size - len(SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=n_merges_room, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_tokenizer_training_text(), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None,
+                         bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    return tok
+
+
+def _processor_class():
+    """Qwen2.5-VL's processor without its video half (which needs torchvision, absent beside CPU torch)."""
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageTextProcessor(Qwen2_5_VLProcessor):
+        attributes = ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)
+    return ImageTextProcessor
+
+
+def load_processor(path: str, min_pixels: int, max_pixels: int):
+    """Tokenizer + image processor with the configured pixel caps (image tokens = pixels / 28²)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, min_pixels=min_pixels,
+                                                               max_pixels=max_pixels)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def materialize_random_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised `arch` with the tiny tokenizer to `out_dir`; reused if present.
+
+    Deterministic for a seed. Saving and reloading is deliberate: the 4-bit path quantises at load
+    time, so the tiny model and the random full-size presets go through the real QLoRA loading code.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "tokenizer_config.json").exists():
+        return out_dir
+    tokenizer = build_tiny_tokenizer()
+    config = build_arch_config(arch, tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    Qwen2VLImageProcessorPil().save_pretrained(tmp)
+    os.replace(tmp, out_dir)  # atomic: a half-written model directory is never picked up
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading the policy: 4-bit NF4 base, vision tower kept in full precision and frozen, LoRA on the
+# language model's linear layers only.
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # a peft PeftModel around Qwen2_5_VLForConditionalGeneration
+    processor: object
+    device: torch.device
+    suppress_ids: list[int]  # token ids outside the policy's support (VISION_TOKENS)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_model_path(cfg) -> str:
+    """Where the weights come from: the tiny model or a random preset are built locally first."""
+    if cfg.model_name == "tiny":
+        return str(materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"{cfg.arch}-seed{cfg.seed}",
+                                            seed=cfg.seed))
+    if cfg.random_init:
+        return str(materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"{cfg.arch}-random",
+                                            seed=cfg.seed))
+    return cfg.model_name
+
+
+def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
+    """Qwen2.5-VL in 4-bit with a LoRA adapter (fresh, or loaded from `adapter_dir`)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+    device = pick_device(cfg.device)
+    # bf16 compute on GPU; fp32 on CPU, where bf16 is ~5x slower without bf16 instructions (ENV.md).
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = resolve_model_path(cfg)
+    quant = None
+    if cfg.load_in_4bit:
+        # Skip names match from the module-name start: "visual" alone would not catch the tower.
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                                   llm_int8_skip_modules=["model.visual", "lm_head"])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, quantization_config=quant, dtype=dtype, device_map={"": str(device)})
+    model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # With a frozen embedding nothing upstream requires grad; without this the checkpointed
+        # blocks receive no gradient and LoRA silently does not learn.
+        model.enable_input_require_grads()
+    if adapter_dir:
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    else:
+        # A regex on language_model: a plain module list would also hit the vision tower's MLP.
+        targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, init_lora_weights=True, bias="none")
+        model = get_peft_model(model, lora)
+    processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
+    suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return Policy(model=model, processor=processor, device=device, suppress_ids=suppress)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step protocol (REFERENCE.md, "The step protocol"). Prompts are rendered in Qwen2-VL's chat
+# format by hand so that the real and the tiny model see exactly the same text.
+
+ANSWER_SYSTEM_PROMPT = (
+    "You are a professional question answering model. Your task is to carefully think through the "
+    "question based on the information retrieved and then provide the final answer.\n\n"
+    "Strict Output Format:\n<think>\n[Analyze the original question and the retrieved information. "
+    "Break down the reasoning process step by step. Do NOT provide the final answer yet.]\n</think>\n"
+    "<answer>\n[Provide the final answer based solely on the retrieved information.]\n</answer>")
+FINAL_SYSTEM_PROMPT = (
+    "You are a professional question answering model. Your task is to carefully think through the "
+    "question based on the sub-questions and their answers and then provide the final answer.\n\n"
+    "Strict Output Format:\n<think>\n[Analyze the original question and sub-questions with their "
+    "answers. Break down the reasoning process step by step. Do NOT provide the final answer yet.]\n"
+    "</think>\n<answer>\n[Provide the final answer based solely on the information before.]\n</answer>")
+PASSAGES_HEADER = ("According to the related information searched, `ter` means this info is from text "
+                   "retriever, `tir` means this info is from text image retriever, `tar` means this "
+                   "info is from table retriever:")
+# The passage tag of each expert kind, as in the released prompts (ter-0:, tir-0:, tar-0:).
+PASSAGE_TAGS = {"text": "ter", "image": "tir", "table": "tar"}
+CLOSING_TAG = {"plan": "</ret>", "answer": "</answer>", "final": "</answer>"}
+
+
+def plan_system_prompt(experts) -> str:
+    """The plan step's system prompt; the expert list is generated from the configured experts.
+
+    `experts` holds (name, description) pairs or objects with `.name` and `.description`.
+    """
+    pairs = [(e.name, e.description) if hasattr(e, "name") else tuple(e) for e in experts]
+    names = ", ".join(name for name, _ in pairs)
+    guide = "\n".join(f"   - `{name}`: {desc}" for name, desc in pairs)
+    return (
+        "You are a professional question decomposition expert for multi-hop QA systems. Your task is "
+        "to decompose complex questions into **strictly single-hop** sub-questions and select "
+        "appropriate retrievers.\n\n**Strict Output Format:**\n<think>\n[Analyze the original question "
+        "and determine the next required sub-question. Do NOT reveal answers or perform multi-hop "
+        "reasoning.]\n</think>\n<sub-question>\n[Exactly ONE single-hop question one time. If no further "
+        "information is needed to answer the origin question, write 'None'.]\n</sub-question>\n<ret>\n"
+        f"[Choose 1 retriever from: {names}. Write 'None' if <sub-question> is 'None'.]\n</ret>\n\n"
+        f"Retriever Selection Guidelines:\n{guide}")
+
+
+def history_text(question: str, hops) -> str:
+    """`Origin question: …` followed by `Sub-questionN: …\\nAnswerN: …` lines, as released."""
+    lines = [f"Origin question: {question}"]
+    for i, (sub_question, answer) in enumerate(hops, start=1):
+        lines += [f"Sub-question{i}: {sub_question}", f"Answer{i}: {answer}"]
+    return "\n".join(lines) + "\n"
+
+
+def passages_text(hits) -> str:
+    """Retrieved passages, one per line as `ter-0: …`; `hits` carry `.expert` (a kind) and `.text`."""
+    counters: dict[str, int] = {}
+    lines = []
+    for hit in hits:
+        tag = PASSAGE_TAGS[hit.expert]
+        lines.append(f"{tag}-{counters.get(tag, 0)}: {hit.text}")
+        counters[tag] = counters.get(tag, 0) + 1
+    return PASSAGES_HEADER + "\n".join(lines)
+
+
+def answer_user_text(sub_question: str, hits) -> str:
+    return (f"{passages_text(hits)}\n\n Give me the answer(with the format <answer></answer>) to the "
+            f"Question: {sub_question}")
+
+
+def final_user_text(question: str, hops) -> str:
+    return f"{history_text(question, hops)}Now, give me the final answer of the origin question: {question}"
+
+
+def render_prompt(system: str, user: str, has_image: bool) -> str:
+    """Qwen2-VL chat format; the image (if any) comes first in the user turn."""
+    image = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{image}{user}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+@dataclass
+class Plan:
+    """A parsed plan step. `valid` is False with a `reason` for malformed text; never an exception."""
+    valid: bool
+    reason: str = ""
+    thought: str = ""
+    sub_question: str = ""
+    experts: list[str] = field(default_factory=list)  # canonical names, in the order written
+    stop: bool = False  # None/None: enough information, go to the final answer
+
+
+@dataclass
+class Answer:
+    valid: bool
+    reason: str = ""
+    thought: str = ""
+    answer: str = ""
+
+
+def _tag(text: str, name: str) -> str | None:
+    """Content of the first <name>…</name> (case-insensitive), stripped; None when absent."""
+    m = re.search(rf"<{name}>(.*?)</{name}>", text, flags=re.S | re.I)
+    return m.group(1).strip() if m else None
+
+
+def _is_none(value: str) -> bool:
+    return value.strip().strip(".'\"`").lower() == "none"
+
+
+def parse_plan(text: str, expert_names) -> Plan:
+    """Parse `<think>…</think><sub-question>…</sub-question><ret>…</ret>`.
+
+    Tags are matched case-insensitively (the release lower-cases the whole output); content keeps
+    its case. `ret` may name several experts separated by commas; all must be known names.
+    """
+    if not isinstance(text, str):
+        return Plan(False, f"output is {type(text).__name__}, not text")
+    fields = {name: _tag(text, name) for name in ("think", "sub-question", "ret")}
+    missing = [name for name, value in fields.items() if value is None]
+    if missing:
+        return Plan(False, "missing " + ", ".join(f"<{m}>" for m in missing))
+    thought, sub_question, ret = fields["think"], fields["sub-question"], fields["ret"]
+    if _is_none(sub_question) and _is_none(ret):
+        return Plan(True, thought=thought, stop=True)
+    if _is_none(sub_question) or _is_none(ret):
+        return Plan(False, "sub-question and ret must both be None to stop", thought=thought)
+    if not sub_question:
+        return Plan(False, "empty sub-question", thought=thought)
+    known = {name.lower(): name for name in expert_names}
+    written = [part.strip() for part in ret.split(",") if part.strip()]
+    unknown = [name for name in written if name.lower() not in known]
+    if not written or unknown:
+        return Plan(False, f"unknown expert(s) {unknown or [ret]}; known: {list(expert_names)}",
+                    thought=thought, sub_question=sub_question)
+    experts = list(dict.fromkeys(known[name.lower()] for name in written))
+    return Plan(True, thought=thought, sub_question=sub_question, experts=experts)
+
+
+def parse_answer(text: str) -> Answer:
+    """Parse `<think>…</think><answer>…</answer>`; an empty answer is invalid."""
+    if not isinstance(text, str):
+        return Answer(False, f"output is {type(text).__name__}, not text")
+    thought, answer = _tag(text, "think"), _tag(text, "answer")
+    missing = [n for n, v in (("<think>", thought), ("<answer>", answer)) if v is None]
+    if missing:
+        return Answer(False, "missing " + ", ".join(missing))
+    if not answer:
+        return Answer(False, "empty answer", thought=thought)
+    return Answer(True, thought=thought, answer=answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# From prompts to tensors. A prompt is (text, image or None); images are processed per prompt so
+# that any prompt can later be re-batched with others for the teacher-forced forward.
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]
+    pixel_values: torch.Tensor | None  # (patches, dim) for this prompt's image, or None
+    image_grid_thw: torch.Tensor | None  # (1, 3)
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image from a path or an image; a clear error names an unreadable file."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {image!r}: {err}") from err
+
+
+def encode_prompt(processor, text: str, image=None) -> EncodedPrompt:
+    """Token ids with the image placeholder expanded to the image's token count."""
+    if image is None:
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return EncodedPrompt(ids, None, None)
+    out = processor(text=[text], images=[load_image(image)], return_tensors="pt")
+    return EncodedPrompt(out["input_ids"][0].tolist(), out["pixel_values"], out["image_grid_thw"])
+
+
+def collate(prompts: list[EncodedPrompt], completions: list[list[int]], pad_id: int, image_token_id: int):
+    """Left-padded `prompt + completion` rows, with a mask of the completion positions.
+
+    Returns the model inputs (input_ids, attention_mask, mm_token_type_ids, pixel_values,
+    image_grid_thw) and `completion_mask` (B, L). mm_token_type_ids must be passed to every forward:
+    without it transformers silently falls back to 1-D positions instead of M-RoPE (ENV.md, gotcha 1).
+    """
+    rows = [p.ids + c for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i, (row, c) in enumerate(zip(rows, completions)):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+        completion_mask[i, width - len(c):] = True if c else False
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "mm_token_type_ids": (input_ids == image_token_id).long()}
+    with_image = [p for p in prompts if p.pixel_values is not None]
+    if with_image:
+        inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_image])
+        inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_image])
+    return inputs, completion_mask
+
+
+def _to(inputs: dict, device, dtype) -> dict:
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+
+
+def _compute_dtype(model) -> torch.dtype:
+    return next(p.dtype for p in _core(model).lm_head.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling. `generate` does the decoding (KV cache, M-RoPE bookkeeping); two small hooks record what
+# a GRPO loss needs: the log-prob of each sampled token, and where each row's step ended.
+
+@dataclass
+class Completion:
+    ids: list[int]  # exactly the sampled ids, up to and including the closing tag or end of turn
+    logprobs: list[float]  # sampling-time log-probs of those ids under the policy (see token_logprobs)
+    text: str
+    truncated: bool  # hit max_new_tokens before the closing tag
+
+
+class _SampledLogprobs:
+    """LogitsProcessor hook: log π(token) of each sampled token, under the policy's own distribution.
+
+    It runs after token suppression and before temperature/top-k/top-p, so it sees the policy's
+    logits; it applies the temperature itself, as `token_logprobs` does. At call t it sees the token
+    sampled at t-1 in input_ids and gathers its log-prob from the row kept from the previous call.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.gathered: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.collect(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def collect(self, last_tokens):
+        if self.previous is not None:
+            self.gathered.append(self.previous.gather(1, last_tokens[:, None])[:, 0])
+            self.previous = None
+
+
+class _StopAtTag:
+    """StoppingCriteria: a row is done at end-of-turn or once its completion contains `tag`."""
+
+    def __init__(self, tokenizer, prompt_len: int, tag: str, eos_id: int):
+        self.tokenizer, self.prompt_len, self.tag, self.eos_id = tokenizer, prompt_len, tag, eos_id
+        self.lengths: dict[int, int] = {}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in range(input_ids.shape[0]):
+            if row in self.lengths:
+                done[row] = True
+                continue
+            completion = input_ids[row, self.prompt_len:]
+            tail = self.tokenizer.decode(completion[-16:], skip_special_tokens=False)
+            if completion[-1].item() == self.eos_id or self.tag in tail:
+                self.lengths[row] = len(completion)
+                done[row] = True
+        return done
+
+
+@torch.no_grad()
+def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Completion]:
+    """Sample one completion per prompt, in one batched `generate` call.
+
+    Every sampling parameter is explicit: real Instruct checkpoints ship a generation config
+    (repetition penalty, top_k) that would otherwise change the distribution, and `generate` applies
+    top_k=50 when top_k is unset (ENV.md, gotcha 3). For several samples of a prompt, repeat it.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    tok = policy.tokenizer
+    model = policy.model
+    pad_id, eos_id = tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    inputs, _ = collate(prompts, [[] for _ in prompts], pad_id, image_id)
+    inputs = _to(inputs, policy.device, _compute_dtype(model))
+    prompt_len = inputs["input_ids"].shape[1]
+    recorder = _SampledLogprobs(temperature)
+    stopper = _StopAtTag(tok, prompt_len, CLOSING_TAG[kind], eos_id)
+    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature, top_p=top_p, top_k=top_k,
+                           max_new_tokens=max_new_tokens, suppress_tokens=policy.suppress_ids,
+                           repetition_penalty=1.0, pad_token_id=pad_id, eos_token_id=eos_id,
+                           bos_token_id=None)
+    out = model.generate(**inputs, generation_config=gen, logits_processor=LogitsProcessorList([recorder]),
+                         stopping_criteria=StoppingCriteriaList([stopper]))
+    recorder.collect(out[:, -1])
+    logprobs = torch.stack(recorder.gathered, dim=1).cpu()
+    completions = []
+    for row in range(out.shape[0]):
+        n = stopper.lengths.get(row, out.shape[1] - prompt_len)
+        ids = out[row, prompt_len:prompt_len + n].tolist()
+        completions.append(Completion(ids=ids, logprobs=logprobs[row, :n].tolist(),
+                                      text=tok.decode(ids, skip_special_tokens=True),
+                                      truncated=row not in stopper.lengths))
+    return completions
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs for the loss. Only completion positions go through the LM head, and the log-softmax is
+# taken row-chunk by row-chunk, so no (B, L, V) float32 tensor is ever built.
+
+def _core(model):
+    """The Qwen2_5_VLForConditionalGeneration inside a peft wrapper (LoRA layers stay injected)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor,
+                   temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
+    """log π(y_t | x, y_<t) for every completion token; zeros elsewhere. Shape (B, L), fp32.
+
+    The same distribution as at sampling time: vision tokens suppressed, logits / temperature.
+    """
+    core = _core(policy.model)
+    inputs = _to(inputs, policy.device, _compute_dtype(policy.model))
+    completion_mask = completion_mask.to(policy.device)
+    hidden = core.model(**inputs, use_cache=False).last_hidden_state
+    # Position t predicts token t+1: score hidden[t] against input_ids[t+1] where t+1 is a completion.
+    predicts = torch.zeros_like(completion_mask)
+    predicts[:, :-1] = completion_mask[:, 1:]
+    targets = inputs["input_ids"][:, 1:][completion_mask[:, 1:]]
+    selected = hidden[predicts]
+    out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=policy.device)
+    pieces = []
+    for start in range(0, selected.shape[0], chunk_rows):
+        logits = core.lm_head(selected[start:start + chunk_rows]).float() / temperature
+        logits[:, policy.suppress_ids] = float("-inf")
+        target = targets[start:start + chunk_rows]
+        pieces.append(logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+    if pieces:
+        out = out.masked_scatter(completion_mask, torch.cat(pieces))
+    return out
+
+
+@torch.no_grad()
+def reference_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """The reference policy's log-probs: the same weights with the LoRA adapter switched off.
+
+    No second copy of the model exists; `disable_adapter()` bypasses the LoRA branches.
+    """
+    with policy.model.disable_adapter():
+        return token_logprobs(policy, inputs, completion_mask, temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `python more.py --config tiny.json "question" [--image P]`.
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Answer one question with MoRE and print its trace.")
+    parser.add_argument("question")
+    parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
+    parser.add_argument("--image", default=None, help="an image file to ask about")
+    parser.add_argument("--checkpoint", default=None, help="a LoRA adapter directory to load")
+    args, overrides = parser.parse_known_args(argv)
+    from step_grpo import load_config
+    cfg = load_config(args.config, overrides)
+    from rollout import answer_question
+    answer_question(cfg, args.question, args.image, args.checkpoint)
+
+
+if __name__ == "__main__":
+    main()

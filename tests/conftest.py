@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny Qwen2.5-VL is built once per test session into a temporary cache."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data" / "more"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def tiny_cfg(model_cache):
+    from step_grpo import Config
+    return Config(model_name="tiny", model_cache=model_cache, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_policy(model_cache):
+    """One loaded tiny policy for tests that only read it (never train it)."""
+    from more import load_policy
+    from step_grpo import Config
+    return load_policy(Config(model_name="tiny", model_cache=model_cache, device="cpu"))
+
+
+def random_image(seed: int, size=(56, 56)):
+    from PIL import Image
+    pixels = np.random.RandomState(seed).randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
