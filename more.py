@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
+
+from experts import read_image
 
 # ----------------------------------------------------------------------------------------------
 # Architecture presets. The 3B and 7B shapes are written down from the public config.json files of
@@ -395,23 +396,12 @@ class EncodedPrompt:
     image_grid_thw: torch.Tensor | None  # (1, 3)
 
 
-def load_image(image) -> Image.Image:
-    """A PIL image from a path or an image; a clear error names an unreadable file."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {image!r}: {err}") from err
-
-
 def encode_prompt(processor, text: str, image=None) -> EncodedPrompt:
     """Token ids with the image placeholder expanded to the image's token count."""
     if image is None:
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         return EncodedPrompt(ids, None, None)
-    out = processor(text=[text], images=[load_image(image)], return_tensors="pt")
+    out = processor(text=[text], images=[read_image(image)], return_tensors="pt")
     return EncodedPrompt(out["input_ids"][0].tolist(), out["pixel_values"], out["image_grid_thw"])
 
 

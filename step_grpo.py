@@ -59,6 +59,22 @@ class Config:
     max_new_tokens_answer: int = 96
     """Token budget of a sub-answer or final-answer step."""
 
+    # --- retrieval experts (experts.py)
+    experts: list = field(default_factory=lambda: ["text", "image", "table"])
+    """Expert kinds the policy may call, in prompt order: any of text, image, table."""
+    index_dir: str = "runs/world/indexes"
+    """Folder with one built expert per kind (<index_dir>/text, …), from `experts.py build` or `data.py world`."""
+    text_encoder: str = "minilm"
+    """Text encoder: 'minilm' (offline, shipped in a wheel) or a transformers path/id such as BAAI/bge-m3."""
+    text_pooling: str = "mean"
+    """Pooling of the text encoder: 'mean' (MiniLM) or 'cls' (BGE)."""
+    image_encoder: str = "pixels"
+    """Image encoder: 'pixels' (offline, near-duplicate matching only) or a CLIP path/id."""
+    retrieve_k: int = 10
+    """Documents each expert retrieves per query (the release: 10)."""
+    show_k: int = 5
+    """Top documents shown to the policy in the sub-answer prompt (the release: 5)."""
+
     @classmethod
     def field_docs(cls) -> dict[str, str]:
         """Each field's one-line documentation, read from the docstring under it in this file."""
