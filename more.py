@@ -1,8 +1,7 @@
 """The MoRE policy: a 4-bit QLoRA Qwen2.5-VL, the step protocol it speaks, and its log-probs.
 
 Read top to bottom: architecture presets → the tiny offline model → loading the policy →
-the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs →
-the `python more.py --config C "question"` command.
+the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs.
 
 The protocol is the one released with MoRE (arXiv 2505.22095): a plan step writes
 `<think>…</think><sub-question>…</sub-question><ret>…</ret>`, an answer step writes
@@ -577,24 +576,3 @@ def reference_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tens
     """
     with policy.model.disable_adapter():
         return token_logprobs(policy, inputs, completion_mask, temperature)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: `python more.py --config tiny.json "question" [--image P]`.
-
-def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="Answer one question with MoRE and print its trace.")
-    parser.add_argument("question")
-    parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
-    parser.add_argument("--image", default=None, help="an image file to ask about")
-    parser.add_argument("--checkpoint", default=None, help="a LoRA adapter directory to load")
-    args, overrides = parser.parse_known_args(argv)
-    from step_grpo import load_config
-    cfg = load_config(args.config, overrides)
-    from rollout import answer_question
-    answer_question(cfg, args.question, args.image, args.checkpoint)
-
-
-if __name__ == "__main__":
-    main()
