@@ -11,6 +11,7 @@ Commands:
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -350,6 +351,8 @@ class Expert:
         self.index.save(directory)
         with open(directory / "docs.jsonl", "w", encoding="utf-8") as f:
             for doc in self.docs:
+                if self.kind == "image":  # relative, so an index folder can be moved with its images
+                    doc = dict(doc, image=os.path.relpath(doc["image"], directory))
                 f.write(json.dumps(doc, ensure_ascii=False) + "\n")
         spec = dict(kind=self.kind, text_encoder=self.text_encoder.name, text_pooling=self.text_encoder.pooling,
                     image_encoder=self.image_encoder.name if self.image_encoder else None)
@@ -365,6 +368,8 @@ class Expert:
                                         f"(build one with `python experts.py build`)")
         spec = json.loads((directory / "expert.json").read_text())
         docs = read_jsonl(directory / "docs.jsonl")
+        if spec["kind"] == "image":
+            docs = [dict(doc, image=str(directory / doc["image"])) for doc in docs]
         index = HnswIndex.load(directory)
         if len(index) != len(docs):
             raise ValueError(f"{directory}: the index holds {len(index)} vectors but docs.jsonl has "
