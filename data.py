@@ -437,6 +437,18 @@ def build_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40,
     return splits
 
 
+def ensure_world(cfg) -> None:
+    """Build the default mini world on first use, so a fresh clone runs with no set-up step."""
+    index_dir = Path(cfg.index_dir or Path(cfg.world_dir) / "indexes")
+    if all((index_dir / kind / "expert.json").exists() for kind in cfg.experts):
+        return
+    if index_dir != Path(cfg.world_dir) / "indexes":
+        raise FileNotFoundError(f"no expert indexes at {index_dir} (expected {', '.join(cfg.experts)}); "
+                                f"build them with `python experts.py build` or point index_dir elsewhere")
+    print(f"building the mini world in {cfg.world_dir} (first run only; ~15 s)")
+    build_world(Path(cfg.world_dir), seed=cfg.seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # inspect: a summary of any supported file
 

@@ -1,7 +1,8 @@
 """The MoRE policy: a 4-bit QLoRA Qwen2.5-VL, the step protocol it speaks, and its log-probs.
 
 Read top to bottom: architecture presets → the tiny offline model → loading the policy →
-the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs.
+the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs →
+the `python more.py --config C "question"` command.
 
 The protocol is the one released with MoRE (arXiv 2505.22095): a plan step writes
 `<think>…</think><sub-question>…</sub-question><ret>…</ret>`, an answer step writes
@@ -499,7 +500,7 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_toke
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Completion]:
     """Sample one completion per prompt, in one batched `generate` call.
 
-    Every sampling parameter is explicit: real Instruct checkpoints ship a generation config
+    `temperature=0` decodes greedily. Every sampling parameter is explicit: real Instruct checkpoints ship a generation config
     (repetition penalty, top_k) that would otherwise change the distribution, and `generate` applies
     top_k=50 when top_k is unset (ENV.md, gotcha 3). For several samples of a prompt, repeat it.
     """
@@ -511,7 +512,8 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_toke
     inputs, _ = collate(prompts, [[] for _ in prompts], pad_id, image_id)
     inputs = _to(inputs, policy.device, _compute_dtype(model))
     prompt_len = inputs["input_ids"].shape[1]
-    recorder = _SampledLogprobs(temperature)
+    scale = temperature if temperature > 0 else 1.0  # greedy: log-probs of the untempered policy
+    recorder = _SampledLogprobs(scale)
     stopper = _StopAtTag(tok, prompt_len, CLOSING_TAG[kind], eos_id)
     gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature, top_p=top_p, top_k=top_k,
                            max_new_tokens=max_new_tokens, suppress_tokens=policy.suppress_ids,
@@ -558,7 +560,7 @@ def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor,
     out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=policy.device)
     pieces = []
     for start in range(0, selected.shape[0], chunk_rows):
-        logits = core.lm_head(selected[start:start + chunk_rows]).float() / temperature
+        logits = core.lm_head(selected[start:start + chunk_rows]).float() / (temperature if temperature > 0 else 1.0)
         logits[:, policy.suppress_ids] = float("-inf")
         target = targets[start:start + chunk_rows]
         pieces.append(logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
@@ -576,3 +578,24 @@ def reference_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tens
     """
     with policy.model.disable_adapter():
         return token_logprobs(policy, inputs, completion_mask, temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `python more.py --config tiny.json "question" [--image P]` answers one question with
+# the live experts and prints the trace (the loop itself is in rollout.py).
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Answer one question with MoRE and print its trace.")
+    parser.add_argument("question")
+    parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
+    parser.add_argument("--image", default=None, help="an image file to ask about")
+    parser.add_argument("--checkpoint", default=None, help="a LoRA adapter directory to load")
+    args, overrides = parser.parse_known_args(argv)
+    from rollout import answer_question
+    from step_grpo import load_config
+    answer_question(load_config(args.config, overrides), args.question, args.image, args.checkpoint)
+
+
+if __name__ == "__main__":
+    main()

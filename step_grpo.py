@@ -58,12 +58,18 @@ class Config:
     """Token budget of a plan step (<think>, <sub-question>, <ret>)."""
     max_new_tokens_answer: int = 96
     """Token budget of a sub-answer or final-answer step."""
+    max_steps: int = 3
+    """Retrieval rounds before the final answer (the release: 3)."""
+    group_size: int = 4
+    """G: trajectories (online) or samples of a step (steps mode) per group."""
 
     # --- retrieval experts (experts.py)
     experts: list = field(default_factory=lambda: ["text", "image", "table"])
     """Expert kinds the policy may call, in prompt order: any of text, image, table."""
-    index_dir: str = "runs/world/indexes"
-    """Folder with one built expert per kind (<index_dir>/text, …), from `experts.py build` or `data.py world`."""
+    world_dir: str = "runs/world"
+    """The embedded mini world (questions, corpora, indexes); built on first use when missing."""
+    index_dir: str = ""
+    """Folder with one built expert per kind (<index_dir>/text, …); empty means <world_dir>/indexes."""
     text_encoder: str = "minilm"
     """Text encoder: 'minilm' (offline, shipped in a wheel) or a transformers path/id such as BAAI/bge-m3."""
     text_pooling: str = "mean"
@@ -131,7 +137,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
         raise ValueError(f"unknown config key(s) {unknown} in {path or 'overrides'}; "
                          f"valid keys: {', '.join(sorted(hints))}")
     checked = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
-    return Config(**checked)
+    cfg = Config(**checked)
+    cfg.index_dir = cfg.index_dir or str(Path(cfg.world_dir) / "indexes")
+    return cfg
 
 
 def main(argv=None):

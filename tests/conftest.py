@@ -36,3 +36,19 @@ def random_image(seed: int, size=(56, 56)):
     from PIL import Image
     pixels = np.random.RandomState(seed).randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small mini world with indexes, labels and step files (seed 3, 15 towns, 6 questions per kind)."""
+    import data
+    out = tmp_path_factory.mktemp("world")
+    data.build_world(out, seed=3, n_towns=15, per_kind=6)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world_experts(world):
+    from experts import Expert, TextEncoder
+    encoder = TextEncoder("minilm")
+    return [Expert.load(world / "indexes" / kind, text_encoder=encoder) for kind in ("text", "image", "table")]

@@ -56,13 +56,6 @@ def tree_digest(folder: Path, skip=("index.bin",)) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    data.build_world(out, seed=3, n_towns=15, per_kind=6)
-    return out
-
-
 def test_world_is_byte_identical_for_a_seed(tmp_path):
     data.write_world(tmp_path / "a", seed=5, n_towns=10, per_kind=4)
     data.write_world(tmp_path / "b", seed=5, n_towns=10, per_kind=4)

@@ -1,0 +1,286 @@
+"""The rollout loop: G trajectories per question, reasoning step by step with live expert calls.
+
+One round = plan step → parse → one batched call per chosen expert → sub-answer step over the top
+passages → history grows. Rounds end on `None`/`None`, on an invalid step, or after `max_steps`;
+then every trajectory writes its final answer (REFERENCE.md, "The step protocol").
+
+Token-in, token-out. Each step is its own sequence: a prompt rendered from the history text
+(never scored) followed by the completion ids exactly as sampled (scored). The scored ids are never
+decoded and re-encoded, so the log-probs of the loss are those of the sampled tokens.
+
+Invalid steps: a malformed plan or sub-answer is recorded with its reason and ends the retrieval
+rounds of that trajectory; its final-answer step still runs, so every trajectory has an outcome.
+An expert that raises becomes a failed ExpertCall with the error, and its passages are empty.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import more
+from experts import EXPERT_NAMES, Query
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class ExpertCall:
+    expert: str  # kind: text, image, table
+    query: str
+    image: str | None
+    hit_ids: list[str]
+    scores: list[float]
+    ms: float  # the batched call's time, shared by all queries of that call
+    error: str = ""
+
+
+@dataclass
+class Step:
+    kind: str  # "plan", "answer" or "final"
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # sampling-time log-probs of completion_ids
+    text: str
+    valid: bool
+    reason: str = ""
+    sub_question: str = ""  # plan steps
+    experts: list[str] = field(default_factory=list)  # plan steps: kinds chosen
+    stop: bool = False  # plan steps: None/None
+    answer: str = ""  # answer and final steps
+    calls: list[ExpertCall] = field(default_factory=list)
+    probe: dict[str, bool] = field(default_factory=dict)  # plan steps with gold: kind -> top-k holds gold
+    hop: int = 0  # round index (0-based)
+
+    @property
+    def loss_mask(self) -> list[int]:
+        """1 exactly on the tokens the policy sampled; 0 on the prompt (and expert text within it)."""
+        return [0] * len(self.prompt_ids) + [1] * len(self.completion_ids)
+
+
+@dataclass
+class Trajectory:
+    question_id: str
+    group_index: int
+    question: str
+    image: str | None
+    steps: list[Step] = field(default_factory=list)
+    final_answer: str = ""
+    golds: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepPrompt:
+    system: str
+    user: str
+    image: str | None
+
+
+# A sampler turns step prompts into (prompt ids, completion) pairs; `policy_sampler` is the real one.
+Sampler = Callable[[list[StepPrompt], str], list[tuple[list[int], more.Completion]]]
+
+
+def policy_sampler(policy: more.Policy, cfg) -> Sampler:
+    """Sample with the policy: one batched `generate` per step kind, parameters from the config."""
+    budgets = {"plan": cfg.max_new_tokens_plan, "answer": cfg.max_new_tokens_answer,
+               "final": cfg.max_new_tokens_answer}
+
+    def sample(prompts: list[StepPrompt], kind: str):
+        encoded = [more.encode_prompt(policy.processor, more.render_prompt(p.system, p.user, p.image is not None),
+                                      p.image) for p in prompts]
+        completions = more.sample(policy, encoded, kind, budgets[kind], cfg.temperature, cfg.top_p, cfg.top_k)
+        return [(e.ids, c) for e, c in zip(encoded, completions)]
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class _State:
+    """A trajectory being built, with the history it shows the policy."""
+    trajectory: Trajectory
+    gold_hops: list  # data.Hop list, or [] when the gold plan is unknown
+    hops: list[tuple[str, str]] = field(default_factory=list)  # (sub-question, sub-answer)
+    retrieving: bool = True
+
+
+def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, max_steps: int = 3,
+            retrieve_k: int = 10, show_k: int = 5, image_root: str | Path | None = None) -> list[Trajectory]:
+    """G trajectories for each question (B×G in every batched call); questions are data.Question."""
+    states = [_State(Trajectory(q.qid, g, q.question, _image_path(q.image, image_root), golds=list(q.answers)),
+                     list(q.hops)) for q in questions for g in range(group_size)]
+    plan_system = more.plan_system_prompt(experts)
+    for hop in range(max_steps):
+        active = [s for s in states if s.retrieving]
+        if not active:
+            break
+        planned = _plan_round(sampler, active, experts, plan_system, hop)
+        if planned:
+            passages = _call_experts(experts, planned, hop, retrieve_k)
+            _answer_round(sampler, planned, passages, hop, show_k)
+    _final_round(sampler, states)
+    return [s.trajectory for s in states]
+
+
+def _image_path(image, image_root):
+    if image is None or image_root is None or Path(image).is_absolute():
+        return image
+    return str(Path(image_root) / image)
+
+
+def _plan_round(sampler, active, experts, plan_system, hop):
+    """Plan step for every active trajectory; returns those that chose experts."""
+    prompts = [StepPrompt(plan_system, more.history_text(s.trajectory.question, s.hops), s.trajectory.image)
+               for s in active]
+    names = [e.name for e in experts]
+    kind_of = {e.name: e.kind for e in experts}
+    planned = []
+    for state, (prompt_ids, completion) in zip(active, sampler(prompts, "plan")):
+        plan = more.parse_plan(completion.text, names)
+        step = Step("plan", prompt_ids, completion.ids, completion.logprobs, completion.text, plan.valid,
+                    plan.reason, plan.sub_question, [kind_of[n] for n in plan.experts], plan.stop, hop=hop)
+        if completion.truncated and not plan.valid:
+            step.reason = f"runaway length ({len(completion.ids)} tokens); " + step.reason
+        state.trajectory.steps.append(step)
+        if plan.valid and not plan.stop:
+            planned.append(state)
+        else:
+            state.retrieving = False
+    return planned
+
+
+def _call_experts(experts, planned, hop, retrieve_k) -> list[list]:
+    """One batched search per expert; returns each trajectory's hits from the experts it chose.
+
+    With a gold plan every expert is asked (the all-expert probe): `step.probe[kind]` says whether
+    that expert's top-k holds the gold evidence of this round's gold hop.
+    """
+    passages: list[list] = [[] for _ in planned]
+    for expert in experts:
+        asked = [s for s in planned if expert.kind in s.trajectory.steps[-1].experts or s.gold_hops]
+        if not asked:
+            continue
+        queries = [Query(s.trajectory.steps[-1].sub_question, s.trajectory.image) for s in asked]
+        start = time.perf_counter()
+        try:
+            results, error = expert.search(queries, retrieve_k), ""
+        except Exception as err:  # a failing expert must not end the rollout
+            results, error = [[] for _ in queries], f"{type(err).__name__}: {err}"
+        ms = 1000 * (time.perf_counter() - start)
+        for state, query, hits in zip(asked, queries, results):
+            step = state.trajectory.steps[-1]
+            row = next(i for i, s in enumerate(planned) if s is state)
+            if state.gold_hops:
+                gold = set(state.gold_hops[min(hop, len(state.gold_hops) - 1)].gold_docs)
+                step.probe[expert.kind] = bool(gold & {h.doc_id for h in hits})
+            if expert.kind in step.experts:
+                step.calls.append(ExpertCall(expert.kind, query.text, _as_str(query.image), [h.doc_id for h in hits],
+                                             [h.score for h in hits], ms, error))
+                passages[row] += hits
+    return passages
+
+
+def _as_str(image):
+    return None if image is None else str(image)
+
+
+def _answer_round(sampler, planned, passages, hop, show_k):
+    """Sub-answer step over the top `show_k` passages of each chosen expert, in the order chosen."""
+    prompts = []
+    for state, hits in zip(planned, passages):
+        plan = state.trajectory.steps[-1]
+        by_expert = {}
+        for hit in hits:
+            by_expert.setdefault(hit.expert, []).append(hit)
+        shown = [h for kind in plan.experts for h in by_expert.get(kind, [])[:show_k]]
+        prompts.append(StepPrompt(more.ANSWER_SYSTEM_PROMPT, more.answer_user_text(plan.sub_question, shown),
+                                  state.trajectory.image))
+    for state, (prompt_ids, completion) in zip(planned, sampler(prompts, "answer")):
+        parsed = more.parse_answer(completion.text)
+        plan = state.trajectory.steps[-1]
+        state.trajectory.steps.append(Step("answer", prompt_ids, completion.ids, completion.logprobs, completion.text,
+                                           parsed.valid, parsed.reason, answer=parsed.answer, hop=hop))
+        if parsed.valid:
+            state.hops.append((plan.sub_question, parsed.answer))
+        else:
+            state.retrieving = False
+
+
+def _final_round(sampler, states):
+    prompts = [StepPrompt(more.FINAL_SYSTEM_PROMPT, more.final_user_text(s.trajectory.question, s.hops),
+                          s.trajectory.image) for s in states]
+    for state, (prompt_ids, completion) in zip(states, sampler(prompts, "final")):
+        parsed = more.parse_answer(completion.text)
+        state.trajectory.steps.append(Step("final", prompt_ids, completion.ids, completion.logprobs, completion.text,
+                                           parsed.valid, parsed.reason, answer=parsed.answer, hop=len(state.hops)))
+        state.trajectory.final_answer = parsed.answer
+
+
+def training_batch(policy: more.Policy, steps: list[Step], images: list[str | None]):
+    """Teacher-forced model inputs for recorded steps: their own ids, their images' pixels again.
+
+    Returns (inputs, completion_mask) as `more.collate` does; the mask is each step's loss mask,
+    left-padded. The prompt ids already hold the expanded image tokens; only pixels are recomputed.
+    """
+    tok = policy.tokenizer
+    pixels = {}
+    encoded = []
+    for step, image in zip(steps, images):
+        if image is not None and image not in pixels:
+            pixels[image] = more.encode_prompt(policy.processor, "<|vision_start|><|image_pad|><|vision_end|>", image)
+        with_image = pixels.get(image) if image is not None else None
+        encoded.append(more.EncodedPrompt(step.prompt_ids, with_image and with_image.pixel_values,
+                                          with_image and with_image.image_grid_thw))
+    return more.collate(encoded, [s.completion_ids for s in steps], tok.pad_token_id,
+                        tok.convert_tokens_to_ids("<|image_pad|>"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Traces
+
+
+def write_traces(path: str | Path, trajectories: list[Trajectory]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for t in trajectories:
+            f.write(json.dumps(t.to_json(), ensure_ascii=False) + "\n")
+
+
+def format_trace(t: Trajectory, max_hits: int = 3) -> str:
+    """A readable account of one trajectory: thought, sub-question, expert, top hits, answers."""
+    lines = [f"Question: {t.question}" + (f"   [image: {t.image}]" if t.image else "")]
+    for step in t.steps:
+        status = "" if step.valid else f"   INVALID: {step.reason}"
+        if step.kind == "plan":
+            what = "stop (None/None)" if step.stop else f"ask {', '.join(EXPERT_NAMES[k] for k in step.experts) or '-'}"
+            lines.append(f"[round {step.hop + 1}] plan: {what}: {step.sub_question!r}{status}")
+            for call in step.calls:
+                hits = ", ".join(f"{i} ({s:.2f})" for i, s in zip(call.hit_ids[:max_hits], call.scores))
+                lines.append(f"    {call.expert} expert ({call.ms:.0f} ms): {call.error or hits}")
+        else:
+            lines.append(f"[{'final' if step.kind == 'final' else 'round %d' % (step.hop + 1)}] "
+                         f"{step.kind}: {step.answer!r}{status}")
+        if not step.valid:
+            lines.append(f"    raw: {step.text[:160]!r}")
+    lines.append(f"Final answer: {t.final_answer!r}")
+    return "\n".join(lines)
+
+
+def answer_question(cfg, question: str, image: str | None = None, checkpoint: str | None = None) -> Trajectory:
+    """`python more.py --config C "question"`: one trajectory with the live experts, printed."""
+    from data import Question, ensure_world
+    from experts import build_experts
+    ensure_world(cfg)
+    experts = build_experts(cfg)
+    policy = more.load_policy(cfg, adapter_dir=checkpoint)
+    trajectory = rollout(policy_sampler(policy, cfg), experts, [Question("cli", "0", question, [], image)],
+                         group_size=1, max_steps=cfg.max_steps, retrieve_k=cfg.retrieve_k, show_k=cfg.show_k)[0]
+    print(format_trace(trajectory))
+    return trajectory
