@@ -515,10 +515,10 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_toke
     scale = temperature if temperature > 0 else 1.0  # greedy: log-probs of the untempered policy
     recorder = _SampledLogprobs(scale)
     stopper = _StopAtTag(tok, prompt_len, CLOSING_TAG[kind], eos_id)
-    gen = GenerationConfig(do_sample=temperature > 0, temperature=temperature, top_p=top_p, top_k=top_k,
-                           max_new_tokens=max_new_tokens, suppress_tokens=policy.suppress_ids,
-                           repetition_penalty=1.0, pad_token_id=pad_id, eos_token_id=eos_id,
-                           bos_token_id=None)
+    warpers = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    gen = GenerationConfig(**warpers, max_new_tokens=max_new_tokens, suppress_tokens=policy.suppress_ids,
+                           repetition_penalty=1.0, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
     out = model.generate(**inputs, generation_config=gen, logits_processor=LogitsProcessorList([recorder]),
                          stopping_criteria=StoppingCriteriaList([stopper]))
     recorder.collect(out[:, -1])
@@ -542,11 +542,12 @@ def _core(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor,
-                   temperature: float = 1.0, chunk_rows: int = 1024) -> torch.Tensor:
+def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor, temperature: float = 1.0,
+                   chunk_rows: int = 1024, with_entropy: bool = False):
     """log π(y_t | x, y_<t) for every completion token; zeros elsewhere. Shape (B, L), fp32.
 
     The same distribution as at sampling time: vision tokens suppressed, logits / temperature.
+    With `with_entropy`, also returns the per-token entropy of that distribution (B, L).
     """
     core = _core(policy.model)
     inputs = _to(inputs, policy.device, _compute_dtype(policy.model))
@@ -557,16 +558,23 @@ def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor,
     predicts[:, :-1] = completion_mask[:, 1:]
     targets = inputs["input_ids"][:, 1:][completion_mask[:, 1:]]
     selected = hidden[predicts]
-    out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=policy.device)
-    pieces = []
+    scale = temperature if temperature > 0 else 1.0
+    logps, entropies = [], []
     for start in range(0, selected.shape[0], chunk_rows):
-        logits = core.lm_head(selected[start:start + chunk_rows]).float() / (temperature if temperature > 0 else 1.0)
+        logits = core.lm_head(selected[start:start + chunk_rows]).float() / scale
         logits[:, policy.suppress_ids] = float("-inf")
-        target = targets[start:start + chunk_rows]
-        pieces.append(logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
-    if pieces:
-        out = out.masked_scatter(completion_mask, torch.cat(pieces))
-    return out
+        log_z = torch.logsumexp(logits, dim=-1)
+        logps.append(logits.gather(1, targets[start:start + chunk_rows, None])[:, 0] - log_z)
+        if with_entropy:
+            probs = torch.softmax(logits, dim=-1)
+            entropies.append(log_z - (probs * logits.nan_to_num(neginf=0.0)).sum(-1))  # H = log Z - E[logit]
+    out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=policy.device)
+    entropy = torch.zeros_like(out)
+    if logps:
+        out = out.masked_scatter(completion_mask, torch.cat(logps))
+        if with_entropy:
+            entropy = entropy.masked_scatter(completion_mask, torch.cat(entropies))
+    return (out, entropy) if with_entropy else out
 
 
 @torch.no_grad()
