@@ -673,7 +673,8 @@ def evaluate(policy, experts, questions, cfg) -> dict:
             "eval_valid_plans": float(np.mean([s.valid for s in plans])) if plans else 0.0}
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Warm start, then GRPO; `stop_after` ends (with a checkpoint) after that many updates in all."""
     import data
     import more
     import rollout
@@ -731,8 +732,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("sft_loss", "reward_final", "reward_plan", "kl") if k in row})
-        if (step + 1) % cfg.save_every == 0 or step == total - 1:
+        stopping = stop_after is not None and step + 1 >= stop_after
+        if (step + 1) % cfg.save_every == 0 or step == total - 1 or stopping:
             save_checkpoint(out_dir, policy, optimizer, scheduler, step, cfg)
+        if stopping:
+            break
     return out_dir
 
 
@@ -741,12 +745,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Train MoRE with Step-GRPO.")
     parser.add_argument("--config", required=True, help="a JSON config: tiny.json (CPU) or small.json (GPU)")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N updates in all")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as err:
         sys.exit(f"step_grpo.py: {err}")
-    out = train(cfg, resume=args.resume)
+    out = train(cfg, resume=args.resume, stop_after=args.stop_after)
     print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
 
 

@@ -1,0 +1,254 @@
+"""Step-GRPO: the loss against hand-computed numbers, its direction, resume, and crash-safe checkpoints."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import step_grpo as sg
+from conftest import ROOT
+
+# ------------------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_hand_computed():
+    a = sg.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    # mean 0.5, unbiased std sqrt(1/3): ±0.5 / 0.57735
+    assert torch.allclose(a, torch.tensor([0.8660229, -0.8660229, -0.8660229, 0.8660229], dtype=torch.float64), atol=1e-6)
+
+
+def test_zero_variance_group_gives_zero_advantage():
+    assert torch.equal(sg.group_advantages(torch.tensor([0.7, 0.7, 0.7])), torch.zeros(3))
+
+
+def test_nan_reward_gets_zero_and_is_left_out_of_the_statistics():
+    a = sg.group_advantages(torch.tensor([1.0, float("nan"), 0.0], dtype=torch.float64))
+    # the finite pair: mean 0.5, unbiased std sqrt(0.5)
+    assert torch.allclose(a, torch.tensor([0.7071058, 0.0, -0.7071058], dtype=torch.float64), atol=1e-6)
+    assert torch.equal(sg.group_advantages(torch.tensor([float("nan"), 1.0])), torch.zeros(2))
+
+
+def test_online_advantages_normalise_per_slot_and_add_the_outcome():
+    # Two trajectories: plan rewards 1 and 0 in the same slot; outcomes 0 and 1; w_outcome 0.5.
+    rewards = [[1.0, 0.0], [0.0, 1.0]]
+    slots = [[("plan", 0), ("final", 0)], [("plan", 0), ("final", 0)]]
+    adv = sg.online_advantages(rewards, slots, outcomes=[0.0, 1.0], w_outcome=0.5)
+    z = 0.5 / math.sqrt(0.5)  # ±0.7071 for a pair {1, 0}
+    assert adv[0] == pytest.approx([z - 0.5 * z, -z - 0.5 * z], abs=1e-5)
+    assert adv[1] == pytest.approx([-z + 0.5 * z, z + 0.5 * z], abs=1e-5)
+    # A slot only one trajectory reached has no group: its step part is 0, the outcome part remains.
+    adv = sg.online_advantages([[1.0, 0.0, 1.0], [0.0, 1.0]], [[("plan", 0), ("plan", 1), ("final", 1)],
+                                                                [("plan", 0), ("final", 0)]], [1.0, 0.0], 1.0)
+    assert adv[0][1] == pytest.approx(z, abs=1e-5)  # 0 + outcome z
+
+
+# --------------------------------------------------------------------------------------- the loss
+
+
+def one_token(logp, old, ref, advantage, beta=0.0, eps=0.2):
+    t = lambda x: torch.tensor([[x]], dtype=torch.float64)
+    return sg.step_grpo_loss(t(logp), t(old), t(ref), torch.tensor([advantage], dtype=torch.float64),
+                             torch.ones(1, 1, dtype=torch.bool), eps, beta)
+
+
+def test_k3_kl_hand_computed():
+    # logp = log .5, ref = log .25: ref - logp = log .5; k3 = .5 - log .5 - 1 = 0.193147
+    parts = one_token(math.log(0.5), math.log(0.5), math.log(0.25), 0.0, beta=1.0)
+    assert parts.kl == pytest.approx(0.5 + math.log(2) - 1, abs=1e-6)
+    assert parts.loss.item() == pytest.approx(0.193147, abs=1e-6)
+
+
+@pytest.mark.parametrize("ratio,advantage,expected,clipped", [
+    (1.5, 1.0, -1.2, True),    # positive advantage: the gain is capped at 1 + eps
+    (0.5, -1.0, 0.8, True),    # negative advantage: the ratio is floored at 1 - eps
+    (0.5, 1.0, -0.5, True),    # the pessimistic (unclipped) side is kept
+    (1.5, -1.0, 1.5, True),
+    (1.1, 1.0, -1.1, False),   # inside the trust region: plain ratio times advantage
+])
+def test_clipping_on_both_sides(ratio, advantage, expected, clipped):
+    parts = one_token(math.log(ratio), 0.0, 0.0, advantage)
+    assert parts.loss.item() == pytest.approx(expected - 0.0, abs=1e-6)
+    assert parts.clip_fraction == float(clipped)
+
+
+def test_masked_tokens_contribute_nothing():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    mask = torch.tensor([[True, False, True]])  # the middle token is expert text
+    ref, old, adv = torch.full_like(logp, -1.0), logp.detach().clone(), torch.tensor([1.0])
+    base = sg.step_grpo_loss(logp, old, ref, adv, mask, 0.2, 0.1).loss
+    base.backward()
+    assert logp.grad[0, 1] == 0
+    changed = logp.detach().clone()
+    changed[0, 1] = 5.0
+    again = sg.step_grpo_loss(changed, changed.clone(), ref, adv, mask, 0.2, 0.1).loss
+    assert again.item() == pytest.approx(base.item(), abs=1e-7)
+
+
+def test_token_and_sequence_aggregation():
+    per_token = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert sg.masked_mean(per_token, mask, "token").item() == pytest.approx(2.0)      # (1 + 3 + 2) / 3
+    assert sg.masked_mean(per_token, mask, "sequence").item() == pytest.approx(2.0)   # (2 + 2) / 2
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert sg.masked_mean(per_token, mask, "token").item() == pytest.approx(1.5)      # 6 / 4
+    assert sg.masked_mean(per_token, mask, "sequence").item() == pytest.approx(5 / 3)  # (4/3 + 2) / 2
+
+
+def test_answer_reward_rules():
+    assert sg.answer_reward("It was 1899", ["1899"]) == 1.0
+    assert sg.answer_reward("December", ["9 December 1899"]) == 0.0  # short gold: all or nothing
+    long_gold = "The Royal Insurance Building in Glasgow has five floors"
+    assert sg.answer_reward("royal insurance building floors", [long_gold]) == pytest.approx(4 / 8)
+    assert sg.answer_reward("paris", ["Paris", "Paris, France"]) == 1.0
+    assert sg.answer_reward("", ["x"]) == 0.0
+
+
+# ----------------------------------------------------------------------------------- the direction
+
+
+@pytest.fixture
+def policy_and_samples(tiny_cfg):
+    import more
+    import rollout
+    policy = more.load_policy(tiny_cfg)
+    system = more.plan_system_prompt([("Text Retriever", "passages"), ("Table Retriever", "tables")])
+    prompts = [more.encode_prompt(policy.processor, more.render_prompt(system, f"Origin question: q{i}?", False))
+               for i in range(4)]
+    torch.manual_seed(0)
+    completions = more.sample(policy, prompts, "plan", 10)
+    steps = [rollout.Step("plan", p.ids, c.ids, c.logprobs, c.text, True) for p, c in zip(prompts, completions)]
+    return policy, steps
+
+
+def sequence_logprobs(policy, steps):
+    import more
+    import rollout
+    inputs, mask = rollout.training_batch(policy, steps, [None] * len(steps))
+    with torch.no_grad():
+        return (more.token_logprobs(policy, inputs, mask) * mask).sum(1)
+
+
+def test_one_update_raises_positive_and_lowers_negative_advantage_completions(policy_and_samples, tiny_cfg):
+    policy, steps = policy_and_samples
+    before = sequence_logprobs(policy, steps)
+    optimizer, _ = sg.make_optimizer(policy, sg.Config(lr=1e-2), "grpo")
+    samples = [sg.Sample(s, None, a) for s, a in zip(steps, [1.0, 1.0, -1.0, -1.0])]
+    sg.policy_update(policy, optimizer, samples, sg.Config(beta=0.0, micro_batch=3))
+    after = sequence_logprobs(policy, steps)
+    assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
+
+
+def test_zero_advantage_with_kl_moves_the_policy_back_toward_the_reference(policy_and_samples):
+    import more
+    import rollout
+    policy, steps = policy_and_samples
+    optimizer, _ = sg.make_optimizer(policy, sg.Config(lr=2e-2), "grpo")
+    for _ in range(3):  # move away from the reference first
+        sg.policy_update(policy, optimizer, [sg.Sample(s, None, 1.0) for s in steps], sg.Config(beta=0.0))
+    inputs, mask = rollout.training_batch(policy, steps, [None] * len(steps))
+
+    def kl_to_reference():
+        with torch.no_grad():
+            logp = more.token_logprobs(policy, inputs, mask)
+            ref = more.reference_logprobs(policy, inputs, mask)
+        d = ref - logp
+        return ((torch.exp(d) - d - 1) * mask).sum().item()
+    before = kl_to_reference()
+    assert before > 1e-3
+    optimizer, _ = sg.make_optimizer(policy, sg.Config(lr=1e-2), "grpo")
+    current = [rollout.Step(s.kind, s.prompt_ids, s.completion_ids,
+                            more.token_logprobs(policy, inputs, mask)[i][mask[i]].tolist(), s.text, True)
+               for i, s in enumerate(steps)]
+    sg.policy_update(policy, optimizer, [sg.Sample(s, None, 0.0) for s in current], sg.Config(beta=1.0))
+    assert kl_to_reference() < before
+
+
+# ----------------------------------------------------------------------- the loop: resume and crashes
+
+
+def tiny_run_config(tmp_path, world, model_cache, name):
+    cfg = {"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world), "device": "cpu",
+           "sft_steps": 2, "train_steps": 2, "questions_per_step": 2, "group_size": 2, "sft_batch": 4,
+           "max_new_tokens_plan": 20, "max_new_tokens_answer": 12, "save_every": 100, "eval_every": 2,
+           "eval_questions": 2, "out_dir": str(tmp_path / name), "max_steps": 1}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def adapter_tensors(run):
+    from safetensors.torch import load_file
+    checkpoint = sg.latest_checkpoint(run)
+    return load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+
+
+def comparable(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    timing = {"seconds", "tokens_per_s", "peak_memory_mb"}
+    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+
+def test_four_steps_equal_two_plus_resume_plus_two(tmp_path, world, model_cache):
+    straight = tiny_run_config(tmp_path, world, model_cache, "straight")
+    sg.main(["--config", str(straight)])
+    halves = tiny_run_config(tmp_path, world, model_cache, "halves")
+    sg.main(["--config", str(halves), "--stop-after", "2"])
+    assert len((tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()) == 2
+    sg.main(["--config", str(halves), "--resume"])
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "halves")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert comparable(tmp_path / "straight" / "metrics.jsonl") == comparable(tmp_path / "halves" / "metrics.jsonl")
+    # and the update really changed the adapter away from its zero-initialised B
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, world, model_cache):
+    config = tiny_run_config(tmp_path, world, model_cache, "r")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        sg.main(["--config", str(config), "--resume"])
+
+
+CRASHER = """
+import sys, json, torch
+sys.path.insert(0, {root!r})
+import more, step_grpo as sg
+cfg = sg.load_config(None, ["--model_cache", {cache!r}, "--device", "cpu"])
+policy = more.load_policy(cfg)
+optimizer, scheduler = sg.make_optimizer(policy, cfg, "grpo")
+out = __import__("pathlib").Path({out!r})
+step = 0
+print("ready", flush=True)
+while True:
+    for p in sg._trainable(policy):
+        p.data.add_(0.01)
+    sg.save_checkpoint(out, policy, optimizer, scheduler, step, cfg)
+    step += 1
+"""
+
+
+def test_a_kill_during_checkpoint_writes_never_leaves_a_checkpoint_that_loads_wrong(tmp_path, model_cache):
+    import random
+    from peft import PeftModel
+    import more
+    out = tmp_path / "crash"
+    script = CRASHER.format(root=str(ROOT), cache=model_cache, out=str(out))
+    rng = random.Random(0)
+    for round_ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert child.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.3, 1.5))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        latest = sg.latest_checkpoint(out)
+        if latest is None:
+            continue
+        state = torch.load(latest / "state.pt", weights_only=False)
+        assert state["step"] == int(latest.name.split("-")[1])
+        cfg = sg.load_config(None, ["--model_cache", model_cache, "--device", "cpu"])
+        policy = more.load_policy(cfg, adapter_dir=str(latest / "adapter"))
+        assert isinstance(policy.model, PeftModel)
+    assert sg.latest_checkpoint(out) is not None
