@@ -30,8 +30,10 @@ _VISION_FULL = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_head
                     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
 ARCH_PRESETS = {
     # Small enough to sample and train on two CPU cores in seconds (see ENV.md for timings).
+    # Untied embeddings, so that `train_lm_head` can train the head alone.
     "tiny": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=2048),
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
+                           tie_word_embeddings=False),
                  vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=2)),
     # The standard CPU benchmark workload of bench.py (vocabulary ~2,000 as in the tiny model).
     "bench-standard": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -228,8 +230,11 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
     else:
         # A regex on language_model: a plain module list would also hit the vision tower's MLP.
         targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        # A random tiny model's frozen head caps every token near chance (ENV.md): `train_lm_head`
+        # trains a copy of the head (peft modules_to_save; disable_adapter() still uses the original).
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, init_lora_weights=True, bias="none")
+                          target_modules=targets, init_lora_weights=True, bias="none",
+                          modules_to_save=["lm_head"] if cfg.train_lm_head else None)
         model = get_peft_model(model, lora)
     processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
     suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]

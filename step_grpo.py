@@ -50,6 +50,8 @@ class Config:
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch; 0 keeps sampling-time and training-time log-probs identical."""
+    train_lm_head: bool = False
+    """Also train the LM head (a random tiny model needs it; real checkpoints do not)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more time."""
     min_pixels: int = 3136

@@ -220,3 +220,18 @@ def test_plan_prompt_lists_the_configured_experts_only():
     prompt = more.plan_system_prompt([("Text Retriever", "passages"), ("Table Retriever", "tables")])
     assert "Text Retriever, Table Retriever" in prompt and "Text Image Retriever" not in prompt
     assert "`Table Retriever`: tables" in prompt
+
+
+def test_train_lm_head_trains_a_copy_and_keeps_the_reference_exact(tiny_cfg):
+    tiny_cfg.train_lm_head = True
+    policy = more.load_policy(tiny_cfg)
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n for n in trainable) and all("lora_" in n or "lm_head" in n for n in trainable)
+    prompts = mixed_batch(policy)
+    inputs, mask = batch_tensors(policy, prompts, [[40, 41], [42], [43, 44], [45]])
+    ref_before = more.reference_logprobs(policy, inputs, mask)
+    optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=5e-2)
+    (-more.token_logprobs(policy, inputs, mask).sum()).backward()
+    optimizer.step()
+    assert torch.equal(ref_before, more.reference_logprobs(policy, inputs, mask))
+    assert (more.token_logprobs(policy, inputs, mask).detach() - ref_before)[mask].abs().max() > 1e-3

@@ -1,0 +1,136 @@
+"""A small routing task for the (not yet passing) learning test: choose the expert that holds the evidence.
+
+Not collected by pytest: no setting found so far reaches the ≥90% the test must assert, so it is a
+harness to run by hand (tiny model, 2 CPU cores, ~1.1 s per GRPO step at 64 samples):
+  python tests/learning.py --sft 80 --steps 150 [--lr 1e-3 --entropy 0 --group 8 --prompts 8]
+
+Seen so far (one seed each, greedy accuracy on 60 held-out prompts, chance = 0.27–0.33):
+- cues founder/pictured/population, lr 1e-3, G=8 x 8 prompts: 0.27 → 0.80 by step 40, then 0.68–0.80
+  to step 140; "founder" perfect, "pictured" and "population" confused between image and table.
+- same cues, lr 5e-4, entropy 0.01: 0.80 at step 20, then 0.72–0.77 to step 120.
+- cues born/image/population (one token each), lr 1e-3: unstable, 0.43 best, a format collapse to 0.
+- same cues, lr 5e-4, entropy 0.01, G=16 x 4 prompts: 0.27–0.43 after 80 steps.
+Before the warm start was changed to supervise the cue in the sub-question (expert still random),
+the policy collapsed onto one expert (0.27) as ENV.md describes.
+"""
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import more  # noqa: E402
+import rollout  # noqa: E402
+import step_grpo as sg  # noqa: E402
+
+EXPERTS = [("Text Retriever", "passages"), ("Text Image Retriever", "pictures"), ("Table Retriever", "tables")]
+NAMES = [n for n, _ in EXPERTS]
+# Where the evidence lives decides the right expert, as in the mini world: biographies in passages,
+# what an image shows in the image index, populations in tables. Each cue is one token of the tiny
+# tokenizer (with its leading space), so the decision rests on one token, not on a spelling.
+CUES = {"born": 0, "image": 1, "population": 2}
+TOWNS = "Arlen Bexley Corvo Dunmere Elsby Fenwick Galt Holm Istra Jorvik Kell Lumen".split()
+SYSTEM = "Choose the retriever that holds the evidence: " + ", ".join(NAMES) + "."
+
+
+def task(rng: random.Random):
+    cue = rng.choice(sorted(CUES))
+    return f"Origin question: {cue} of {rng.choice(TOWNS)}?", CUES[cue]
+
+
+def completion(user: str, expert: int) -> str:
+    """As in MoRE, the sub-question comes before the expert; here it is the question's cue word."""
+    cue = user.split()[2]
+    return f"<think>t</think><sub-question>the {cue}</sub-question><ret>{NAMES[expert]}</ret>"
+
+
+def routed_correctly(text: str, gold: int) -> float:
+    plan = more.parse_plan(text, NAMES)  # strict: exactly one expert, the right one
+    return float(plan.valid and plan.experts == [NAMES[gold]])
+
+
+def encode(policy, user: str):
+    return more.encode_prompt(policy.processor, more.render_prompt(SYSTEM, user, False))
+
+
+def warm_start(policy, cfg, steps: int, rng: random.Random):
+    """Teach the format with RANDOM expert labels: the policy writes one expert, at chance.
+
+    The sub-question (the cue word) is supervised; which expert follows it is not: that is left to RL.
+    """
+    optimizer, _ = sg.make_optimizer(policy, cfg, "sft")
+    tok = policy.tokenizer
+    for _ in range(steps):
+        batch = [task(rng)[0] for _ in range(16)]
+        steps_ = [rollout.Step("plan", encode(policy, u).ids,
+                               tok(completion(u, rng.randrange(3)) + "<|im_end|>", add_special_tokens=False)["input_ids"],
+                               [], "", True) for u in batch]
+        inputs, mask = rollout.training_batch(policy, steps_, [None] * len(steps_))
+        policy.model.train()
+        optimizer.zero_grad()
+        (-sg.masked_mean(more.token_logprobs(policy, inputs, mask), mask, "token")).backward()
+        optimizer.step()
+
+
+def accuracy(policy, cfg, n: int = 60, seed: int = 123, greedy: bool = True) -> float:
+    rng = random.Random(seed)
+    items = [task(rng) for _ in range(n)]
+    completions = more.sample(policy, [encode(policy, u) for u, _ in items], "plan", 40,
+                              0.0 if greedy else cfg.temperature)
+    return sum(routed_correctly(c.text, g) for c, (_, g) in zip(completions, items)) / n
+
+
+def grpo(policy, cfg, steps: int, rng: random.Random, log=None):
+    """Real sampler, real Step-GRPO loss and optimiser; reward 1 for the single right expert."""
+    optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
+    history = []
+    for step in range(steps):
+        items = [task(rng) for _ in range(cfg.questions_per_step)]
+        prompts = [encode(policy, u) for u, _ in items for _ in range(cfg.group_size)]
+        policy.model.eval()
+        completions = more.sample(policy, prompts, "plan", 40, cfg.temperature)
+        samples, rewards = [], []
+        for g, (_, gold) in enumerate(items):
+            group = completions[g * cfg.group_size:(g + 1) * cfg.group_size]
+            r = torch.tensor([routed_correctly(c.text, gold) for c in group], dtype=torch.float64)
+            for p, c, a in zip(prompts[g * cfg.group_size:], group, sg.group_advantages(r).tolist()):
+                samples.append(sg.Sample(rollout.Step("plan", p.ids, c.ids, c.logprobs, c.text, True), None, a))
+            rewards += r.tolist()
+        sg.policy_update(policy, optimizer, samples, cfg)
+        history.append(sum(rewards) / len(rewards))
+        if log and step % 20 == 0:
+            log(f"step {step}: sampled reward {history[-1]:.2f}, greedy accuracy {accuracy(policy, cfg):.2f}")
+    return history
+
+
+def run(model_cache: str, sft_steps: int, grpo_steps: int, seed: int = 0, log=None, **overrides):
+    settings = dict(group_size=8, questions_per_step=8, lr=1e-3, sft_lr=3e-3, beta=0.0, micro_batch=64)
+    cfg = sg.Config(model_name="tiny", model_cache=model_cache, device="cpu", train_lm_head=True, seed=seed,
+                    **{**settings, **overrides})
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    policy = more.load_policy(cfg)
+    warm_start(policy, cfg, sft_steps, rng)
+    before = accuracy(policy, cfg)
+    history = grpo(policy, cfg, grpo_steps, rng, log)
+    return before, accuracy(policy, cfg), history
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sft", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--entropy", type=float, default=0.0)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--cache", default="/tmp/mc")
+    args = parser.parse_args()
+    start = time.time()
+    before, after, _ = run(args.cache, args.sft, args.steps, args.seed, log=print, lr=args.lr,
+                             entropy_coef=args.entropy, group_size=args.group, questions_per_step=args.prompts)
+    print(f"greedy accuracy {before:.2f} -> {after:.2f} in {time.time() - start:.0f} s")
