@@ -380,17 +380,6 @@ class Expert:
         return cls(spec["kind"], index, docs, text_encoder, image_encoder)
 
 
-def search_all(experts: list[Expert], queries_per_expert: dict[str, list[Query]], k: int):
-    """Run each expert once over all its queries of a step; returns {kind: (hits per query, ms)}."""
-    results = {}
-    for expert in experts:
-        queries = queries_per_expert.get(expert.kind, [])
-        start = time.perf_counter()
-        hits = expert.search(queries, k) if queries else []
-        results[expert.kind] = (hits, 1000 * (time.perf_counter() - start))
-    return results
-
-
 def build_experts(cfg) -> list[Expert]:
     """Load the configured experts from `cfg.index_dir/<kind>/`, sharing one text encoder."""
     text_encoder = TextEncoder(cfg.text_encoder, cfg.text_pooling)

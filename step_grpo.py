@@ -460,18 +460,21 @@ def step_prompt(sample):
 
 
 def sft_update(policy, optimizer, samples, cfg) -> float:
-    """One supervised step: mean negative log-likelihood of the gold completion tokens."""
+    """One supervised step on official steps (data.StepSample) and their gold completions."""
+    import more
+    tok = policy.tokenizer
+    prompts = [step_prompt(sample) for sample in samples]
+    encoded = [more.encode_prompt(policy.processor, more.render_prompt(p.system, p.user, p.image is not None), p.image)
+               for p in prompts]
+    targets = [tok(gold_completion(sample) + "<|im_end|>", add_special_tokens=False)["input_ids"] for sample in samples]
+    return supervised_update(policy, optimizer, [e.ids for e in encoded], targets, [p.image for p in prompts], cfg)
+
+
+def supervised_update(policy, optimizer, prompt_ids, target_ids, images, cfg) -> float:
+    """Mean negative log-likelihood of the target tokens after their prompts; one optimiser step."""
     import more
     import rollout
-    tok = policy.tokenizer
-    steps, images = [], []
-    for sample in samples:
-        prompt = step_prompt(sample)
-        encoded = more.encode_prompt(policy.processor, more.render_prompt(prompt.system, prompt.user,
-                                                                          prompt.image is not None), prompt.image)
-        ids = tok(gold_completion(sample) + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        steps.append(rollout.Step(sample.kind, encoded.ids, ids, [], "", True))
-        images.append(prompt.image)
+    steps = [rollout.Step("sft", p, t, [], "", True) for p, t in zip(prompt_ids, target_ids)]
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
     inputs, mask = rollout.training_batch(policy, steps, images)

@@ -63,14 +63,9 @@ def warm_start(policy, cfg, steps: int, rng: random.Random):
     tok = policy.tokenizer
     for _ in range(steps):
         batch = [task(rng)[0] for _ in range(16)]
-        steps_ = [rollout.Step("plan", encode(policy, u).ids,
-                               tok(completion(u, rng.randrange(3)) + "<|im_end|>", add_special_tokens=False)["input_ids"],
-                               [], "", True) for u in batch]
-        inputs, mask = rollout.training_batch(policy, steps_, [None] * len(steps_))
-        policy.model.train()
-        optimizer.zero_grad()
-        (-sg.masked_mean(more.token_logprobs(policy, inputs, mask), mask, "token")).backward()
-        optimizer.step()
+        targets = [tok(completion(u, rng.randrange(3)) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                   for u in batch]
+        sg.supervised_update(policy, optimizer, [encode(policy, u).ids for u in batch], targets, [None] * 16, cfg)
 
 
 def accuracy(policy, cfg, n: int = 60, seed: int = 123, greedy: bool = True) -> float:
