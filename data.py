@@ -318,7 +318,7 @@ def split_questions(questions: list[Question], seed: int, fractions=(0.7, 0.15, 
 # Gold experts by interaction: ask every expert, keep those whose top-k holds a gold document.
 
 
-def hop_queries(question: Question, hop: Hop, image_dir: Path | None):
+def hop_query(question: Question, hop: Hop, image_dir: Path | None):
     """The query each expert gets for a hop: the sub-question, with the question's image if any."""
     from experts import Query
     image = str(image_dir / question.image) if question.image and image_dir else question.image
@@ -328,7 +328,7 @@ def hop_queries(question: Question, hop: Hop, image_dir: Path | None):
 def label_gold_experts(questions: list[Question], experts, k: int, image_dir: Path | None = None) -> None:
     """Fill `hop.gold_experts` for every hop: one batched search per expert over all hops."""
     hops = [(q, h) for q in questions for h in q.hops]
-    queries = [hop_queries(q, h, image_dir) for q, h in hops]
+    queries = [hop_query(q, h, image_dir) for q, h in hops]
     for hop in (h for _, h in hops):
         hop.gold_experts = []
     for expert in experts:
@@ -358,7 +358,7 @@ def step_file_rows(questions: list[Question], experts, show_k: int, image_dir: P
             names = [EXPERT_NAMES[kind].lower() for kind in hop.gold_experts]
             steps.append({"step_type": "ret", "system": plan_system, "problem": image + more.history_text(q.question, history),
                           "answer": {"query": hop.sub_question, "retriever": names}})
-            hits = by_kind[hop.gold_experts[0]].search([hop_queries(q, hop, image_dir)], show_k)[0]
+            hits = by_kind[hop.gold_experts[0]].search([hop_query(q, hop, image_dir)], show_k)[0]
             steps.append({"step_type": "ans", "system": more.ANSWER_SYSTEM_PROMPT,
                           "problem": image + more.answer_user_text(hop.sub_question, hits), "answer": hop.sub_answer})
             history.append((hop.sub_question, hop.sub_answer))

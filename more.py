@@ -439,6 +439,11 @@ def _to(inputs: dict, device, dtype) -> dict:
     return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
 
 
+def _logit_scale(temperature: float) -> float:
+    """Logits are divided by this in sampling and in the loss alike; greedy (0) means the untempered policy."""
+    return temperature if temperature > 0 else 1.0
+
+
 def _compute_dtype(model) -> torch.dtype:
     return next(p.dtype for p in _core(model).lm_head.parameters())
 
@@ -505,8 +510,8 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_toke
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Completion]:
     """Sample one completion per prompt, in one batched `generate` call.
 
-    `temperature=0` decodes greedily. Every sampling parameter is explicit: real Instruct checkpoints ship a generation config
-    (repetition penalty, top_k) that would otherwise change the distribution, and `generate` applies
+    `temperature=0` decodes greedily. Every sampling parameter is explicit: real Instruct checkpoints
+    ship a generation config (repetition penalty, top_k) that would otherwise change the distribution, and `generate` applies
     top_k=50 when top_k is unset (ENV.md, gotcha 3). For several samples of a prompt, repeat it.
     """
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -517,8 +522,7 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_toke
     inputs, _ = collate(prompts, [[] for _ in prompts], pad_id, image_id)
     inputs = _to(inputs, policy.device, _compute_dtype(model))
     prompt_len = inputs["input_ids"].shape[1]
-    scale = temperature if temperature > 0 else 1.0  # greedy: log-probs of the untempered policy
-    recorder = _SampledLogprobs(scale)
+    recorder = _SampledLogprobs(_logit_scale(temperature))
     stopper = _StopAtTag(tok, prompt_len, CLOSING_TAG[kind], eos_id)
     warpers = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -563,7 +567,7 @@ def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor, 
     predicts[:, :-1] = completion_mask[:, 1:]
     targets = inputs["input_ids"][:, 1:][completion_mask[:, 1:]]
     selected = hidden[predicts]
-    scale = temperature if temperature > 0 else 1.0
+    scale = _logit_scale(temperature)
     logps, entropies = [], []
     for start in range(0, selected.shape[0], chunk_rows):
         logits = core.lm_head(selected[start:start + chunk_rows]).float() / scale

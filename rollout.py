@@ -165,19 +165,19 @@ def _call_experts(experts, planned, hop, retrieve_k) -> list[list]:
     """
     passages: list[list] = [[] for _ in planned]
     for expert in experts:
-        asked = [s for s in planned if expert.kind in s.trajectory.steps[-1].experts or s.gold_hops]
+        asked = [row for row, s in enumerate(planned) if expert.kind in s.trajectory.steps[-1].experts or s.gold_hops]
         if not asked:
             continue
-        queries = [Query(s.trajectory.steps[-1].sub_question, s.trajectory.image) for s in asked]
+        queries = [Query(planned[row].trajectory.steps[-1].sub_question, planned[row].trajectory.image) for row in asked]
         start = time.perf_counter()
         try:
             results, error = expert.search(queries, retrieve_k), ""
         except Exception as err:  # a failing expert must not end the rollout
             results, error = [[] for _ in queries], f"{type(err).__name__}: {err}"
         ms = 1000 * (time.perf_counter() - start)
-        for state, query, hits in zip(asked, queries, results):
+        for row, query, hits in zip(asked, queries, results):
+            state = planned[row]
             step = state.trajectory.steps[-1]
-            row = next(i for i, s in enumerate(planned) if s is state)
             if state.gold_hops:
                 gold = set(state.gold_hops[min(hop, len(state.gold_hops) - 1)].gold_docs)
                 step.probe[expert.kind] = bool(gold & {h.doc_id for h in hits})

@@ -421,8 +421,8 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg) -> dict:
     grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm)
     optimizer.step()
     mean = lambda name: sum(share * getattr(p, name) for share, p in parts)
-    return dict(loss=sum(share * p.loss.item() for share, p in parts), pg=mean("policy"), kl=mean("kl"), entropy=mean("entropy"), clip_fraction=mean("clip_fraction"),
-                grad_norm=float(grad_norm))
+    return dict(loss=sum(share * p.loss.item() for share, p in parts), pg=mean("policy"), kl=mean("kl"),
+                entropy=mean("entropy"), clip_fraction=mean("clip_fraction"), grad_norm=float(grad_norm))
 
 
 def _scatter_logprobs(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
@@ -516,30 +516,28 @@ def online_step(policy, experts, questions, similarity, cfg, rng_seed: int):
 
 def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int):
     """The release's method: G samples of each teacher-forced step prompt, rewarded against its gold."""
-    import more
     import rollout
     torch.manual_seed(rng_seed)
     policy.model.eval()
-    prompts = [step_prompt(s) for s in step_samples for _ in range(cfg.group_size)]
-    samples, rewards_by_kind, zero_std, records = [], defaultdict(list), 0, []
+    G = cfg.group_size
+    prompts = [step_prompt(s) for s in step_samples for _ in range(G)]
+    samples, rewards_by_kind, zero_std = [], defaultdict(list), 0
     by_kind = defaultdict(list)
     for i, p in enumerate(prompts):
-        by_kind[step_samples[i // cfg.group_size].kind].append(i)
+        by_kind[step_samples[i // G].kind].append(i)
     results = [None] * len(prompts)
     sampler = rollout.policy_sampler(policy, cfg)
     for kind, rows in by_kind.items():
         for row, out in zip(rows, sampler([prompts[r] for r in rows], kind)):
             results[row] = out
     for gi, gold in enumerate(step_samples):
-        rewards = []
-        for prompt_ids, completion in results[gi * cfg.group_size:(gi + 1) * cfg.group_size]:
-            step = rollout.Step(gold.kind, prompt_ids, completion.ids, completion.logprobs, completion.text, True)
-            rewards.append(official_step_reward(gold, completion.text, similarity, cfg))
-            records.append((step, prompts[gi * cfg.group_size].image))
+        group, image = results[gi * G:(gi + 1) * G], prompts[gi * G].image
+        rewards = [official_step_reward(gold, completion.text, similarity, cfg) for _, completion in group]
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64)).tolist()
         zero_std += float(np.std(rewards) == 0)
         rewards_by_kind[gold.kind] += rewards
-        samples += [Sample(step, image, a) for (step, image), a in zip(records[-cfg.group_size:], advantages)]
+        samples += [Sample(rollout.Step(gold.kind, ids, c.ids, c.logprobs, c.text, True), image, a)
+                    for (ids, c), a in zip(group, advantages)]
     return samples, rewards_by_kind, zero_std / max(len(step_samples), 1)
 
 

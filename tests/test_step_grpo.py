@@ -254,3 +254,16 @@ def test_a_kill_during_checkpoint_writes_never_leaves_a_checkpoint_that_loads_wr
         policy = more.load_policy(cfg, adapter_dir=str(latest / "adapter"))
         assert isinstance(policy.model, PeftModel)
     assert sg.latest_checkpoint(out) is not None
+
+
+def test_steps_mode_trains_on_a_step_file(tmp_path, world, model_cache):
+    """The release's method: G samples of teacher-forced step prompts from an official-schema file."""
+    config = tiny_run_config(tmp_path, world, model_cache, "steps")
+    cfg = json.loads(config.read_text())
+    cfg.update(mode="steps", sft_steps=0, train_steps=1, eval_every=0, questions_per_step=3, group_size=2)
+    config.write_text(json.dumps(cfg))
+    sg.main(["--config", str(config)])
+    row = json.loads((tmp_path / "steps" / "metrics.jsonl").read_text())
+    assert row["phase"] == "grpo" and row["sampled_tokens"] > 0
+    assert any(k.startswith("reward_") for k in row) and 0.0 <= row["zero_std_groups"] <= 1.0
+    assert sg.latest_checkpoint(tmp_path / "steps") is not None
