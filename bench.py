@@ -1,5 +1,9 @@
 """Benchmarks: figures printed together with the exact workload and the command that made them.
 
+  python bench.py --config tiny.json [--random-init PRESET] [--checkpoint DIR] [--steps 5]
+      where a training step's time and memory go, phase by phase, on the config's own work
+  python bench.py --workload standard [--steps 5]
+      a fixed tiny-VL GRPO step (fp32 and 4-bit) that other implementations can be timed on
   python bench.py experts [--data ../shared/data/more] [--queries 1000]
   python bench.py rollout [--config tiny.json] [--repeats 5]
 """
@@ -7,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import experts
 
@@ -120,22 +127,244 @@ def print_rollout(r: dict) -> None:
     print(f"expert calls inside the batched rollout: {r['expert_calls_s']:.3f} s")
 
 
+# ----------------------------------------------------------------------------------------------
+# Training steps: where the time and memory of one Step-GRPO update go, phase by phase. The phases
+# are timed inside the real code (rollout.PhaseClock): these are the same functions `train` runs.
+
+PHASES = ["prompt encoding", "generation", "expert calls", "rewards", "batch building", "reference forward",
+          "policy forward", "backward", "optimizer"]
+
+
+def reset_peak_memory(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> dict:
+    """CUDA max allocated/reserved since the last reset; on CPU the process's peak RSS (whole life)."""
+    import resource
+    import torch
+    if device.type == "cuda":
+        return dict(cuda_max_allocated_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                    cuda_max_reserved_gb=round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+                    gpu=torch.cuda.get_device_name(device))
+    return dict(peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+
+
+def timed_steps(one_step, steps: int, device) -> list[dict]:
+    """A warm-up step (allocator, kernels, caches), then `steps` timed ones; `one_step(clock)` runs
+    one update and returns what it did (token and call counts)."""
+    from rollout import PhaseClock
+    one_step(PhaseClock(device))
+    reset_peak_memory(device)
+    rows = []
+    for _ in tqdm(range(steps), desc="timed steps"):
+        clock = PhaseClock(device)
+        start = time.perf_counter()
+        work = one_step(clock)
+        rows.append(dict(total=time.perf_counter() - start, phases=dict(clock.seconds), **work))
+    return rows
+
+
+def summarise_steps(rows: list[dict], device) -> dict:
+    """Medians over the timed steps: each phase, the total, and what no phase accounts for."""
+    median = lambda values: float(np.median(values))
+    phases = {name: median([r["phases"].get(name, 0.0) for r in rows]) for name in PHASES}
+    total = median([r["total"] for r in rows])
+    phases["other (parsing, bookkeeping)"] = median([r["total"] - sum(r["phases"].values()) for r in rows])
+    generation = [r["phases"].get("generation", 0.0) for r in rows]
+    return dict(steps=len(rows), step_s=total, phases=phases,
+                sampled_tokens_per_s=median([r["sampled_tokens"] / max(g, 1e-9) for r, g in zip(rows, generation)]),
+                expert_share_of_rollout=median([r["phases"].get("expert calls", 0.0) /
+                                               max(1e-9, sum(r["phases"].get(n, 0.0) for n in
+                                                             ("prompt encoding", "generation", "expert calls")))
+                                               for r in rows]),
+                memory=peak_memory(device), work=rows[-1]["work"])
+
+
+def describe_work(samples, trajectories, image_token_id: int) -> dict:
+    """The exact work of one update, so that another implementation can be timed on the same."""
+    prompts = [len(s.step.prompt_ids) for s in samples]
+    completions = [len(s.step.completion_ids) for s in samples]
+    image_tokens = [s.step.prompt_ids.count(image_token_id) for s in samples if s.image is not None]
+    calls = [c for t in trajectories for s in t.steps for c in s.calls]
+    return dict(sequences=len(samples), prompt_tokens_mean=round(float(np.mean(prompts)), 1),
+                prompt_tokens_max=max(prompts), completion_tokens_mean=round(float(np.mean(completions)), 1),
+                completion_tokens_max=max(completions), image_tokens_per_image=sorted(set(image_tokens)),
+                sequences_with_image=len(image_tokens), expert_queries=len(calls),
+                steps_by_kind=dict(Counter(s.step.kind for s in samples)))
+
+
+def bench_training(config: str, overrides: list[str], steps: int, random_init: str | None,
+                   checkpoint: str | None) -> dict:
+    """Time `steps` real updates of the config (its mode, B, G, budgets, experts) after a warm-up."""
+    import data
+    import more
+    import step_grpo as sg
+    from experts import build_experts
+    cfg = sg.load_config(config, overrides + (["--random_init", "true", "--arch", random_init] if random_init else []))
+    data.ensure_world(cfg)
+    experts = build_experts(cfg)
+    policy = more.load_policy(cfg, adapter_dir=checkpoint)
+    similarity = sg.SubQuestionSimilarity(experts[0].text_encoder)
+    optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
+    questions = data.load_questions(Path(cfg.world_dir) / "questions_train.jsonl")
+    step_samples = data.load_step_file(cfg.steps_file or str(Path(cfg.world_dir) / "steps_train.jsonl"))
+    image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    rng = random.Random(cfg.seed)
+
+    def one_step(clock):
+        seed = rng.randrange(2**31)
+        if cfg.mode == "online":
+            batch = rng.sample(questions, cfg.questions_per_step)
+            trajectories, samples, _, _ = sg.online_step(policy, experts, batch, similarity, cfg, seed, clock)
+        else:
+            batch, trajectories = rng.sample(step_samples, cfg.questions_per_step), []
+            samples, _, _ = sg.steps_mode_step(policy, batch, similarity, cfg, seed, clock)
+        sg.policy_update(policy, optimizer, samples, cfg, clock)
+        return dict(sampled_tokens=sum(len(s.step.completion_ids) for s in samples),
+                    work=describe_work(samples, trajectories, image_token_id))
+
+    result = summarise_steps(timed_steps(one_step, steps, policy.device), policy.device)
+    result["config"] = dict(config=config, overrides=overrides, model=cfg.model_name, arch=cfg.arch,
+                            random_init=random_init, checkpoint=checkpoint, mode=cfg.mode,
+                            questions_per_step=cfg.questions_per_step, group_size=cfg.group_size,
+                            max_steps=cfg.max_steps, max_new_tokens=[cfg.max_new_tokens_plan, cfg.max_new_tokens_answer],
+                            load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, beta=cfg.beta,
+                            micro_batch=cfg.micro_batch, gradient_checkpointing=cfg.gradient_checkpointing,
+                            max_pixels=cfg.max_pixels, device=str(policy.device), threads=_threads())
+    return result
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def print_training(r: dict) -> None:
+    c, w = r["config"], r["work"]
+    print(f"config: {c['config']} {' '.join(c['overrides'])}  model {c['model']} (arch {c['arch']}"
+          f"{', random weights' if c['random_init'] else ''}), {'4-bit' if c['load_in_4bit'] else 'full precision'}, "
+          f"LoRA r={c['lora_r']}, beta={c['beta']}, mode {c['mode']}, device {c['device']} ({c['threads']} threads)")
+    print(f"work per update: B={c['questions_per_step']} x G={c['group_size']}, {w['sequences']} sequences "
+          f"{w['steps_by_kind']}, prompt tokens mean {w['prompt_tokens_mean']} / max {w['prompt_tokens_max']}, "
+          f"completion tokens mean {w['completion_tokens_mean']} / max {w['completion_tokens_max']}, "
+          f"{w['sequences_with_image']} sequences with an image of {w['image_tokens_per_image']} image tokens, "
+          f"{w['expert_queries']} expert queries (work of the last timed update)")
+    print(f"| phase (median of {r['steps']} updates after a warm-up) | seconds | share |\n|---|---|---|")
+    for name, seconds in r["phases"].items():
+        print(f"| {name} | {seconds:.3f} | {100 * seconds / r['step_s']:.1f}% |")
+    print(f"| **update** | **{r['step_s']:.3f}** | |")
+    print(f"sampled tokens/s (generation phase): {r['sampled_tokens_per_s']:.0f}   "
+          f"expert calls: {100 * r['expert_share_of_rollout']:.1f}% of rollout time   memory: {r['memory']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The standard workload: one fixed GRPO step that any implementation can run (TRL's GRPOTrainer
+# does the same work in one step with these settings), in fp32 and with the 4-bit base.
+
+STANDARD = dict(arch="bench-standard", prompts=4, group_size=4, new_tokens=32, image_side=56, lora_r=8, beta=0.04)
+
+
+def standard_images(folder: Path) -> list[str]:
+    """Four fixed 56x56 pictures (seeded noise): 4 image tokens each after the 2x2 merge."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    paths = []
+    for i in range(STANDARD["prompts"]):
+        path = folder / f"standard-{i}.png"
+        side = STANDARD["image_side"]
+        Image.fromarray(rng.randint(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def distinct_token_reward(ids: list[int]) -> float:
+    """The trivial deterministic reward of the standard workload: the share of distinct tokens."""
+    return len(set(ids)) / max(len(ids), 1)
+
+
+def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
+    import more
+    import rollout
+    import step_grpo as sg
+    import torch
+    side, G = STANDARD["image_side"], STANDARD["group_size"]
+    cfg = sg.Config(model_name="tiny", arch=STANDARD["arch"], model_cache=model_cache, device="cpu",
+                    load_in_4bit=load_in_4bit, lora_r=STANDARD["lora_r"], lora_alpha=2 * STANDARD["lora_r"],
+                    beta=STANDARD["beta"], group_size=G, micro_batch=STANDARD["prompts"] * G,
+                    min_pixels=side * side, max_pixels=side * side, lr=1e-5)
+    torch.manual_seed(0)
+    policy = more.load_policy(cfg)
+    optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
+    images = standard_images(Path(model_cache) / "standard-images")
+    texts = [more.render_prompt("You are a helpful assistant.", f"Question {i}: what does this picture show?", True)
+             for i in range(len(images))]
+    image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def one_step(clock):
+        with clock("prompt encoding"):
+            encoded = [more.encode_prompt(policy.processor, text, image) for text, image in zip(texts, images)]
+        policy.model.eval()
+        with clock("generation"):
+            completions = more.sample(policy, [e for e in encoded for _ in range(G)], None, STANDARD["new_tokens"])
+        with clock("rewards"):
+            rewards = torch.tensor([distinct_token_reward(c.ids) for c in completions], dtype=torch.float64)
+            advantages = torch.cat([sg.group_advantages(group) for group in rewards.split(G)]).tolist()
+        samples = [sg.Sample(rollout.Step("plan", encoded[i // G].ids, c.ids, c.logprobs, c.text, True), images[i // G], a)
+                   for i, (c, a) in enumerate(zip(completions, advantages))]
+        sg.policy_update(policy, optimizer, samples, cfg, clock)
+        return dict(sampled_tokens=sum(len(c.ids) for c in completions),
+                    work=describe_work(samples, [], image_token_id))
+
+    result = summarise_steps(timed_steps(one_step, steps, policy.device), policy.device)
+    result["config"] = dict(config="--workload standard", overrides=[], model="random", arch=STANDARD["arch"],
+                            random_init="bench-standard", checkpoint=None, mode="standard",
+                            questions_per_step=STANDARD["prompts"], group_size=G, load_in_4bit=load_in_4bit,
+                            lora_r=cfg.lora_r, beta=cfg.beta, device="cpu", threads=_threads(),
+                            new_tokens=STANDARD["new_tokens"])
+    return result
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["experts", "rollout"])
+    parser.add_argument("what", nargs="?", default="train", choices=["train", "experts", "rollout"],
+                        help="train (default): the phase breakdown of training updates")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "tiny.json"))
+    parser.add_argument("--workload", choices=["config", "standard"], default="config",
+                        help="standard: the fixed tiny-VL GRPO step, fp32 and 4-bit (the config is not used)")
+    parser.add_argument("--random-init", default=None, metavar="PRESET",
+                        help="build this arch preset with random weights (qwen2.5-vl-3b, qwen2.5-vl-7b, ...)")
+    parser.add_argument("--checkpoint", default=None, help="a trained adapter: run folder, checkpoint or adapter")
+    parser.add_argument("--steps", type=int, default=5, help="timed updates after one warm-up update")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "shared/data/more"))
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    print("command: python bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and (args.what != "train" or args.workload == "standard"):
+        parser.error(f"unrecognised arguments: {' '.join(overrides)}")
+    print("command: python bench.py " + " ".join(argv))
     if args.what == "experts":
         result = bench_experts(Path(args.data), args.queries)
         print_experts(result)
-    else:
+    elif args.what == "rollout":
         result = bench_rollout(args.config, args.repeats)
         print_rollout(result)
+    elif args.workload == "standard":
+        import step_grpo
+        cache = step_grpo.Config().model_cache
+        result = {}
+        for name, four_bit in (("fp32", False), ("4-bit", True)):
+            result[name] = bench_standard(args.steps, four_bit, cache)
+            print(f"\n## standard workload, {name} base")
+            print_training(result[name])
+    else:
+        result = bench_training(args.config, overrides, args.steps, args.random_init, args.checkpoint)
+        print_training(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

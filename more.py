@@ -203,8 +203,24 @@ def resolve_model_path(cfg) -> str:
     return cfg.model_name
 
 
+def find_adapter(path: str | Path) -> Path:
+    """The LoRA adapter folder behind a path: the adapter itself, a checkpoint, or a run's out_dir.
+
+    A run's out_dir resolves through checkpoints/latest, so `--checkpoint runs/train-tiny` works.
+    """
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    latest = path / "checkpoints" / "latest"
+    if latest.exists():
+        return find_adapter(path / "checkpoints" / latest.read_text().strip())
+    raise FileNotFoundError(f"no LoRA adapter at {path}: expected adapter_config.json in it or in {path}/adapter, "
+                            f"or a run folder with checkpoints/latest")
+
+
 def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
-    """Qwen2.5-VL in 4-bit with a LoRA adapter (fresh, or loaded from `adapter_dir`)."""
+    """Qwen2.5-VL in 4-bit with a LoRA adapter (fresh, or loaded from `adapter_dir`: see find_adapter)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
     device = pick_device(cfg.device)
@@ -226,7 +242,7 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
         # blocks receive no gradient and LoRA silently does not learn.
         model.enable_input_require_grads()
     if adapter_dir:
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(find_adapter(adapter_dir)), is_trainable=True)
     else:
         # A regex on language_model: a plain module list would also hit the vision tower's MLP.
         targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -506,10 +522,12 @@ class _StopAtTag:
 
 
 @torch.no_grad()
-def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_tokens: int,
+def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str | None, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Completion]:
     """Sample one completion per prompt, in one batched `generate` call.
 
+    A row stops at end of turn or at the closing tag of its step `kind`; `kind=None` samples exactly
+    `max_new_tokens` tokens per row (end of turn suppressed: fixed-size benchmark work).
     `temperature=0` decodes greedily. Every sampling parameter is explicit: real Instruct checkpoints
     ship a generation config (repetition penalty, top_k) that would otherwise change the distribution, and `generate` applies
     top_k=50 when top_k is unset (ENV.md, gotcha 3). For several samples of a prompt, repeat it.
@@ -523,22 +541,24 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str, max_new_toke
     inputs = _to(inputs, policy.device, _compute_dtype(model))
     prompt_len = inputs["input_ids"].shape[1]
     recorder = _SampledLogprobs(_logit_scale(temperature))
-    stopper = _StopAtTag(tok, prompt_len, CLOSING_TAG[kind], eos_id)
+    stoppers = [_StopAtTag(tok, prompt_len, CLOSING_TAG[kind], eos_id)] if kind else []
     warpers = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     gen = GenerationConfig(**warpers, max_new_tokens=max_new_tokens, suppress_tokens=policy.suppress_ids,
+                           min_new_tokens=0 if kind else max_new_tokens,
                            repetition_penalty=1.0, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
     out = model.generate(**inputs, generation_config=gen, logits_processor=LogitsProcessorList([recorder]),
-                         stopping_criteria=StoppingCriteriaList([stopper]))
+                         stopping_criteria=StoppingCriteriaList(stoppers))
     recorder.collect(out[:, -1])
     logprobs = torch.stack(recorder.gathered, dim=1).cpu()
+    ended = stoppers[0].lengths if stoppers else {}
     completions = []
     for row in range(out.shape[0]):
-        n = stopper.lengths.get(row, out.shape[1] - prompt_len)
+        n = ended.get(row, out.shape[1] - prompt_len)
         ids = out[row, prompt_len:prompt_len + n].tolist()
         completions.append(Completion(ids=ids, logprobs=logprobs[row, :n].tolist(),
                                       text=tok.decode(ids, skip_special_tokens=True),
-                                      truncated=row not in stopper.lengths))
+                                      truncated=bool(kind) and row not in ended))
     return completions
 
 
@@ -607,7 +627,7 @@ def main(argv=None):
     parser.add_argument("question")
     parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
     parser.add_argument("--image", default=None, help="an image file to ask about")
-    parser.add_argument("--checkpoint", default=None, help="a LoRA adapter directory to load")
+    parser.add_argument("--checkpoint", default=None, help="a trained adapter: a run folder, a checkpoint or an adapter folder")
     args, overrides = parser.parse_known_args(argv)
     from rollout import answer_question
     from step_grpo import load_config

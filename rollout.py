@@ -16,12 +16,45 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import more
 from experts import EXPERT_NAMES, Query
+
+# ----------------------------------------------------------------------------------------------
+# Where the time goes: every phase of a training step is timed with one clock (bench.py, metrics).
+
+
+class PhaseClock:
+    """Wall-clock seconds per named phase, summed over the phases' occurrences.
+
+    On CUDA the device is synchronised at both ends of a phase, so asynchronous GPU work is charged
+    to the phase that launched it rather than to whichever phase next waits for it.
+    """
+
+    def __init__(self, device=None):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def _sync(self):
+        if self.device is not None and getattr(self.device, "type", "") == "cuda":
+            import torch
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] += time.perf_counter() - start
+
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -84,17 +117,24 @@ class StepPrompt:
 
 # A sampler turns step prompts into (prompt ids, completion) pairs; `policy_sampler` is the real one.
 Sampler = Callable[[list[StepPrompt], str], list[tuple[list[int], more.Completion]]]
+# A router replaces the policy's routing of a valid plan, for evaluation baselines (eval.py):
+# (gold hops, round, the policy's sub-question, its expert kinds) -> (sub-question, expert kinds).
+Router = Callable[[list, int, str, list[str]], tuple[str, list[str]]]
 
 
-def policy_sampler(policy: more.Policy, cfg) -> Sampler:
+def policy_sampler(policy: more.Policy, cfg, clock: PhaseClock | None = None) -> Sampler:
     """Sample with the policy: one batched `generate` per step kind, parameters from the config."""
     budgets = {"plan": cfg.max_new_tokens_plan, "answer": cfg.max_new_tokens_answer,
                "final": cfg.max_new_tokens_answer}
+    clock = clock or PhaseClock()
 
     def sample(prompts: list[StepPrompt], kind: str):
-        encoded = [more.encode_prompt(policy.processor, more.render_prompt(p.system, p.user, p.image is not None),
-                                      p.image) for p in prompts]
-        completions = more.sample(policy, encoded, kind, budgets[kind], cfg.temperature, cfg.top_p, cfg.top_k)
+        with clock("prompt encoding"):
+            encoded = [more.encode_prompt(policy.processor,
+                                          more.render_prompt(p.system, p.user, p.image is not None), p.image)
+                       for p in prompts]
+        with clock("generation"):
+            completions = more.sample(policy, encoded, kind, budgets[kind], cfg.temperature, cfg.top_p, cfg.top_k)
         return [(e.ids, c) for e, c in zip(encoded, completions)]
     return sample
 
@@ -113,8 +153,14 @@ class _State:
 
 
 def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, max_steps: int = 3,
-            retrieve_k: int = 10, show_k: int = 5, image_root: str | Path | None = None) -> list[Trajectory]:
-    """G trajectories for each question (B×G in every batched call); questions are data.Question."""
+            retrieve_k: int = 10, show_k: int = 5, image_root: str | Path | None = None,
+            clock: PhaseClock | None = None, router: Router | None = None) -> list[Trajectory]:
+    """G trajectories for each question (B×G in every batched call); questions are data.Question.
+
+    `clock`, when given, is charged with the wall time of the expert calls ("expert calls").
+    `router`, when given, overrides what each valid plan asks and of whom (evaluation baselines).
+    """
+    clock = clock or PhaseClock()
     states = [_State(Trajectory(q.qid, g, q.question, _image_path(q.image, image_root), golds=list(q.answers)),
                      list(q.hops)) for q in questions for g in range(group_size)]
     plan_system = more.plan_system_prompt(experts)
@@ -122,9 +168,10 @@ def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, m
         active = [s for s in states if s.retrieving]
         if not active:
             break
-        planned = _plan_round(sampler, active, experts, plan_system, hop)
+        planned = _plan_round(sampler, active, experts, plan_system, hop, router)
         if planned:
-            passages = _call_experts(experts, planned, hop, retrieve_k)
+            with clock("expert calls"):
+                passages = _call_experts(experts, planned, hop, retrieve_k)
             _answer_round(sampler, planned, passages, hop, show_k)
     _final_round(sampler, states)
     return [s.trajectory for s in states]
@@ -136,7 +183,7 @@ def _image_path(image, image_root):
     return str(Path(image_root) / image)
 
 
-def _plan_round(sampler, active, experts, plan_system, hop):
+def _plan_round(sampler, active, experts, plan_system, hop, router=None):
     """Plan step for every active trajectory; returns those that chose experts."""
     prompts = [StepPrompt(plan_system, more.history_text(s.trajectory.question, s.hops), s.trajectory.image)
                for s in active]
@@ -149,6 +196,8 @@ def _plan_round(sampler, active, experts, plan_system, hop):
                     plan.reason, plan.sub_question, [kind_of[n] for n in plan.experts], plan.stop, hop=hop)
         if completion.truncated and not plan.valid:
             step.reason = f"runaway length ({len(completion.ids)} tokens); " + step.reason
+        if router and plan.valid and not plan.stop:
+            step.sub_question, step.experts = router(state.gold_hops, hop, step.sub_question, step.experts)
         state.trajectory.steps.append(step)
         if plan.valid and not plan.stop:
             planned.append(state)

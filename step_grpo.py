@@ -390,14 +390,16 @@ class Sample:
     advantage: float
 
 
-def policy_update(policy, optimizer, samples: list[Sample], cfg) -> dict:
+def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> dict:
     """One optimiser step over all samples, accumulating gradients across micro-batches.
 
     Each micro-batch's loss is weighted by its share of the whole (tokens for 'token'
     aggregation, sequences for 'sequence'), so the sum equals the loss over the whole batch.
+    `clock` (a rollout.PhaseClock) is charged with each phase's time.
     """
     import more
     import rollout
+    clock = clock or rollout.PhaseClock()
     samples = [s for s in samples if s.step.completion_ids]
     if not samples:
         return {}
@@ -407,19 +409,24 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg) -> dict:
     optimizer.zero_grad(set_to_none=True)
     for start in range(0, len(samples), cfg.micro_batch):
         chunk = samples[start:start + cfg.micro_batch]
-        inputs, mask = rollout.training_batch(policy, [s.step for s in chunk], [s.image for s in chunk])
-        mask = mask.to(policy.device)
-        old = _scatter_logprobs([s.step.logprobs for s in chunk], mask)
-        ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta else old
-        logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True)
-        advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=policy.device)
-        part = step_grpo_loss(logp, old, ref, advantages, mask, cfg.clip_eps, cfg.beta, entropy,
-                              cfg.entropy_coef, cfg.aggregation)
-        share = sum(weights[start:start + cfg.micro_batch]) / total
-        (part.loss * share).backward()
+        with clock("batch building"):
+            inputs, mask = rollout.training_batch(policy, [s.step for s in chunk], [s.image for s in chunk])
+            mask = mask.to(policy.device)
+            old = _scatter_logprobs([s.step.logprobs for s in chunk], mask)
+        with clock("reference forward"):
+            ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta else old
+        with clock("policy forward"):
+            logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True)
+            advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=policy.device)
+            part = step_grpo_loss(logp, old, ref, advantages, mask, cfg.clip_eps, cfg.beta, entropy,
+                                  cfg.entropy_coef, cfg.aggregation)
+            share = sum(weights[start:start + cfg.micro_batch]) / total
+        with clock("backward"):
+            (part.loss * share).backward()
         parts.append((share, part))
-    grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm)
-    optimizer.step()
+    with clock("optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm)
+        optimizer.step()
     mean = lambda name: sum(share * getattr(p, name) for share, p in parts)
     return dict(loss=sum(share * p.loss.item() for share, p in parts), pg=mean("policy"), kl=mean("kl"),
                 entropy=mean("entropy"), clip_fraction=mean("clip_fraction"), grad_norm=float(grad_norm))
@@ -440,15 +447,19 @@ def _trainable(policy) -> list[torch.nn.Parameter]:
 
 
 def gold_completion(sample) -> str:
-    """The text a teacher would write for an official step (data.StepSample)."""
+    """The text a teacher would write for an official step (data.StepSample).
+
+    Step files hold no thoughts, so the <think> part is a short constant: the warm start then
+    spends its updates on what the protocol needs (tags, the sub-question, the expert's name).
+    """
     if sample.kind == "plan":
         query, experts = sample.gold["query"], sample.gold["retriever"]
         if str(query).lower() == "none":
-            return "<think>The information is enough.</think><sub-question>None</sub-question><ret>None</ret>"
+            return "<think>Enough.</think><sub-question>None</sub-question><ret>None</ret>"
         name = " ".join(w.capitalize() for w in str(experts[0]).split())
-        return f"<think>I need: {query}</think><sub-question>{query}</sub-question><ret>{name}</ret>"
+        return f"<think>Next hop.</think><sub-question>{query}</sub-question><ret>{name}</ret>"
     answer = sample.gold if sample.kind == "answer" else sample.gold[0]
-    return f"<think>From the information above.</think><answer>{answer}</answer>"
+    return f"<think>Read.</think><answer>{answer}</answer>"
 
 
 def step_prompt(sample):
@@ -490,17 +501,19 @@ def supervised_update(policy, optimizer, prompt_ids, target_ids, images, cfg) ->
 # One GRPO update in each mode.
 
 
-def online_step(policy, experts, questions, similarity, cfg, rng_seed: int):
-    """G live trajectories per question → stepwise rewards → advantages → one update."""
+def online_step(policy, experts, questions, similarity, cfg, rng_seed: int, clock=None):
+    """G live trajectories per question → stepwise rewards → advantages (the samples of one update)."""
     import rollout
+    clock = clock or rollout.PhaseClock()
     torch.manual_seed(rng_seed)
     policy.model.eval()
-    trajectories = rollout.rollout(rollout.policy_sampler(policy, cfg), experts, questions, cfg.group_size,
-                                   cfg.max_steps, cfg.retrieve_k, cfg.show_k, image_root=cfg.world_dir)
+    trajectories = rollout.rollout(rollout.policy_sampler(policy, cfg, clock), experts, questions, cfg.group_size,
+                                   cfg.max_steps, cfg.retrieve_k, cfg.show_k, image_root=cfg.world_dir, clock=clock)
     samples, rewards_by_kind, zero_std, groups = [], defaultdict(list), 0, 0
     for qi, question in enumerate(questions):
         group = trajectories[qi * cfg.group_size:(qi + 1) * cfg.group_size]
-        scored = [trajectory_rewards(t, question.hops, similarity, cfg) for t in group]
+        with clock("rewards"):
+            scored = [trajectory_rewards(t, question.hops, similarity, cfg) for t in group]
         step_rewards = [r for r, _ in scored]
         outcomes = [o for _, o in scored]
         slots = [[(s.kind, s.hop) for s in t.steps] for t in group]
@@ -514,9 +527,10 @@ def online_step(policy, experts, questions, similarity, cfg, rng_seed: int):
     return trajectories, samples, rewards_by_kind, zero_std / max(groups, 1)
 
 
-def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int):
+def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=None):
     """The release's method: G samples of each teacher-forced step prompt, rewarded against its gold."""
     import rollout
+    clock = clock or rollout.PhaseClock()
     torch.manual_seed(rng_seed)
     policy.model.eval()
     G = cfg.group_size
@@ -526,13 +540,14 @@ def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int):
     for i, p in enumerate(prompts):
         by_kind[step_samples[i // G].kind].append(i)
     results = [None] * len(prompts)
-    sampler = rollout.policy_sampler(policy, cfg)
+    sampler = rollout.policy_sampler(policy, cfg, clock)
     for kind, rows in by_kind.items():
         for row, out in zip(rows, sampler([prompts[r] for r in rows], kind)):
             results[row] = out
     for gi, gold in enumerate(step_samples):
         group, image = results[gi * G:(gi + 1) * G], prompts[gi * G].image
-        rewards = [official_step_reward(gold, completion.text, similarity, cfg) for _, completion in group]
+        with clock("rewards"):
+            rewards = [official_step_reward(gold, completion.text, similarity, cfg) for _, completion in group]
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64)).tolist()
         zero_std += float(np.std(rewards) == 0)
         rewards_by_kind[gold.kind] += rewards
@@ -645,11 +660,11 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def step_metrics(rewards_by_kind, samples, trajectories, zero_std, seconds, policy) -> dict:
+def step_metrics(rewards_by_kind, samples, trajectories, zero_std, generation_seconds, policy) -> dict:
     out = {f"reward_{kind}": float(np.mean(r)) for kind, r in rewards_by_kind.items()}
     out.update({f"reward_{kind}_std": float(np.std(r)) for kind, r in rewards_by_kind.items()})
     tokens = sum(len(s.step.completion_ids) for s in samples)
-    out.update(zero_std_groups=zero_std, sampled_tokens=tokens, tokens_per_s=tokens / max(seconds, 1e-9),
+    out.update(zero_std_groups=zero_std, sampled_tokens=tokens, tokens_per_s=tokens / max(generation_seconds, 1e-9),
                mean_completion_len=tokens / max(len(samples), 1), peak_memory_mb=peak_memory_mb(policy.device))
     if trajectories:
         plans = [s for t in trajectories for s in t.steps if s.kind == "plan"]
@@ -714,17 +729,19 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> P
             loss = sft_update(policy, optimizer, rng.sample(step_samples, min(cfg.sft_batch, len(step_samples))), cfg)
             row, trajectories = {"phase": "sft", "sft_loss": loss}, []
         else:
+            clock = rollout.PhaseClock(policy.device)
             if cfg.mode == "online":
                 batch = rng.sample(questions, min(cfg.questions_per_step, len(questions)))
                 trajectories, samples, rewards, zero_std = online_step(policy, experts, batch, similarity, cfg,
-                                                                       cfg.seed + step)
+                                                                       cfg.seed + step, clock)
             else:
                 batch = rng.sample(step_samples, min(cfg.questions_per_step, len(step_samples)))
-                samples, rewards, zero_std = steps_mode_step(policy, batch, similarity, cfg, cfg.seed + step)
+                samples, rewards, zero_std = steps_mode_step(policy, batch, similarity, cfg, cfg.seed + step, clock)
                 trajectories = []
-            update = policy_update(policy, optimizer, samples, cfg)
+            update = policy_update(policy, optimizer, samples, cfg, clock)
             row = {"phase": "grpo", **update, **step_metrics(rewards, samples, trajectories, zero_std,
-                                                             time.perf_counter() - began, policy)}
+                                                             clock.seconds["generation"], policy),
+                   **{f"seconds_{name.replace(' ', '_')}": t for name, t in clock.seconds.items()}}
             if trajectories and cfg.traces_per_step:
                 rollout.write_traces(out_dir / "traces.jsonl", trajectories[:cfg.traces_per_step])
         scheduler.step()

@@ -30,18 +30,26 @@ NAMES = [n for n, _ in EXPERTS]
 # what an image shows in the image index, populations in tables. Each cue is one token of the tiny
 # tokenizer (with its leading space), so the decision rests on one token, not on a spelling.
 CUES = {"born": 0, "image": 1, "population": 2}
+# A random tiny model does not look at the sub-question when it writes the expert; a pretrained one
+# does. The warm start builds that reading on other cues, whose routing it shows; the routing of
+# CUES it never shows (random labels), so only RL can learn it, starting from chance.
+TAUGHT_CUES = {"founder": 0, "picture": 1, "residents": 2}
 TOWNS = "Arlen Bexley Corvo Dunmere Elsby Fenwick Galt Holm Istra Jorvik Kell Lumen".split()
 SYSTEM = "Choose the retriever that holds the evidence: " + ", ".join(NAMES) + "."
 
 
-def task(rng: random.Random):
-    cue = rng.choice(sorted(CUES))
-    return f"Origin question: {cue} of {rng.choice(TOWNS)}?", CUES[cue]
+def task(rng: random.Random, cues=CUES):
+    cue = rng.choice(sorted(cues))
+    return f"Origin question: {rng.choice(TOWNS)}, {cue}?", cues[cue]
+
+
+def cue_of(user: str) -> str:
+    return user.split()[-1].rstrip("?")
 
 
 def completion(user: str, expert: int) -> str:
     """As in MoRE, the sub-question comes before the expert; here it is the question's cue word."""
-    cue = user.split()[2]
+    cue = cue_of(user)
     return f"<think>t</think><sub-question>the {cue}</sub-question><ret>{NAMES[expert]}</ret>"
 
 
@@ -50,22 +58,35 @@ def routed_correctly(text: str, gold: int) -> float:
     return float(plan.valid and plan.experts == [NAMES[gold]])
 
 
+def step_reward(text: str, user: str, gold: int, similarity, cfg) -> float:
+    """The real plan reward (step_grpo.plan_reward): format gate, routing credit, sub-question similarity.
+
+    The probe says only the gold expert holds the evidence; the gold sub-question is the cue.
+    """
+    plan = more.parse_plan(text, NAMES)
+    kinds = ["text", "image", "table"]
+    step = rollout.Step("plan", [], [], [], text, plan.valid, plan.reason, plan.sub_question,
+                        [kinds[NAMES.index(n)] for n in plan.experts], plan.stop,
+                        probe={k: i == gold for i, k in enumerate(kinds)})
+    return sg.plan_reward(step, "the " + cue_of(user), similarity, cfg)
+
+
 def encode(policy, user: str):
     return more.encode_prompt(policy.processor, more.render_prompt(SYSTEM, user, False))
 
 
 def warm_start(policy, cfg, steps: int, rng: random.Random):
-    """Teach the format with RANDOM expert labels: the policy writes one expert, at chance.
+    """Teach the format, the copied cue, and the routing of TAUGHT_CUES; CUES get RANDOM expert labels.
 
-    The sub-question (the cue word) is supervised; which expert follows it is not: that is left to RL.
+    So after it the policy reads the sub-question to route, but routes CUES at chance: that is left to RL.
     """
     optimizer, _ = sg.make_optimizer(policy, cfg, "sft")
     tok = policy.tokenizer
     for _ in range(steps):
-        batch = [task(rng)[0] for _ in range(16)]
-        targets = [tok(completion(u, rng.randrange(3)) + "<|im_end|>", add_special_tokens=False)["input_ids"]
-                   for u in batch]
-        sg.supervised_update(policy, optimizer, [encode(policy, u).ids for u in batch], targets, [None] * 16, cfg)
+        batch = [task(rng, TAUGHT_CUES) if rng.random() < 0.5 else (task(rng)[0], rng.randrange(3)) for _ in range(16)]
+        targets = [tok(completion(u, expert) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                   for u, expert in batch]
+        sg.supervised_update(policy, optimizer, [encode(policy, u).ids for u, _ in batch], targets, [None] * 16, cfg)
 
 
 def accuracy(policy, cfg, n: int = 60, seed: int = 123, greedy: bool = True) -> float:
@@ -78,7 +99,9 @@ def accuracy(policy, cfg, n: int = 60, seed: int = 123, greedy: bool = True) -> 
 
 def grpo(policy, cfg, steps: int, rng: random.Random, log=None):
     """Real sampler, real Step-GRPO loss and optimiser; reward 1 for the single right expert."""
-    optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
+    optimizer, scheduler = sg.make_optimizer(policy, cfg, "grpo")
+    from experts import TextEncoder
+    similarity = sg.SubQuestionSimilarity(TextEncoder(cfg.text_encoder))
     history = []
     for step in range(steps):
         items = [task(rng) for _ in range(cfg.questions_per_step)]
@@ -88,13 +111,15 @@ def grpo(policy, cfg, steps: int, rng: random.Random, log=None):
         samples, rewards = [], []
         for g, (_, gold) in enumerate(items):
             group = completions[g * cfg.group_size:(g + 1) * cfg.group_size]
-            r = torch.tensor([routed_correctly(c.text, gold) for c in group], dtype=torch.float64)
+            user = items[g][0]
+            r = torch.tensor([step_reward(c.text, user, gold, similarity, cfg) for c in group], dtype=torch.float64)
             for p, c, a in zip(prompts[g * cfg.group_size:], group, sg.group_advantages(r).tolist()):
                 samples.append(sg.Sample(rollout.Step("plan", p.ids, c.ids, c.logprobs, c.text, True), None, a))
             rewards += r.tolist()
         sg.policy_update(policy, optimizer, samples, cfg)
+        scheduler.step()
         history.append(sum(rewards) / len(rewards))
-        if log and step % 20 == 0:
+        if log and step % 10 == 0:
             log(f"step {step}: sampled reward {history[-1]:.2f}, greedy accuracy {accuracy(policy, cfg):.2f}")
     return history
 
@@ -124,8 +149,11 @@ if __name__ == "__main__":
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--cache", default="/tmp/mc")
+    parser.add_argument("--schedule", default="constant")
+    parser.add_argument("--aggregation", default="token")
     args = parser.parse_args()
     start = time.time()
     before, after, _ = run(args.cache, args.sft, args.steps, args.seed, log=print, lr=args.lr,
-                             entropy_coef=args.entropy, group_size=args.group, questions_per_step=args.prompts)
+                             entropy_coef=args.entropy, group_size=args.group, questions_per_step=args.prompts,
+                             lr_schedule=args.schedule, train_steps=args.steps, aggregation=args.aggregation)
     print(f"greedy accuracy {before:.2f} -> {after:.2f} in {time.time() - start:.0f} s")

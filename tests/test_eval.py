@@ -123,3 +123,88 @@ def test_scoring_errors_name_the_line(tmp_path):
         ev.score_file("webqa", path)
     with pytest.raises(SystemExit, match="eval.py: .*missing field 'answer'"):
         ev.main(["score", "--dataset", "webqa", "--predictions", str(path)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop evaluated: routing methods side by side on the mini world.
+
+import data  # noqa: E402
+from step_grpo import Config  # noqa: E402
+
+
+def world_config(world, model_cache, **overrides):
+    return Config(model_name="tiny", model_cache=model_cache, device="cpu", world_dir=str(world),
+                  index_dir=str(world / "indexes"), **overrides)
+
+
+def test_routers_replace_only_the_choice_they_own(world):
+    question = next(q for q in data.load_questions(world / "questions_train.jsonl") if q.kind == "bridge")
+    kinds = ["text", "image", "table"]
+    hops = question.hops
+    assert ev.make_router("policy", kinds, 0, gold_sub_questions=False) is None
+    assert ev.make_router("single:table", kinds, 0, False)(hops, 0, "own?", ["text"]) == ("own?", ["table"])
+    oracle = ev.make_router("oracle", kinds, 0, False)
+    assert oracle(hops, 1, "own?", ["image"]) == ("own?", hops[1].gold_experts[:1])
+    assert oracle(hops, 7, "own?", ["image"]) == ("own?", hops[-1].gold_experts[:1])  # past the plan: last hop
+    with pytest.raises(ValueError, match="oracle"):
+        oracle([], 0, "own?", ["text"])
+    randomly = ev.make_router("random", kinds, 0, False)
+    assert {randomly(hops, 0, "q", [])[1][0] for _ in range(60)} == set(kinds)
+    gold = ev.make_router("policy", kinds, 0, gold_sub_questions=True)
+    assert gold(hops, 0, "own?", ["image"]) == (hops[0].sub_question, ["image"])
+
+
+def test_methods_are_checked_against_the_configured_experts():
+    assert ev.parse_methods("direct, single:text,oracle", ["text", "table"]) == ["direct", "single:text", "oracle"]
+    with pytest.raises(ValueError, match=r"single:image.*known: direct, random, oracle, policy, single:text"):
+        ev.parse_methods("single:image", ["text"])
+
+
+def test_oracle_routing_beats_every_single_expert_on_several_expert_questions(world, model_cache, tmp_path):
+    """With the gold reader, a trajectory is right exactly when routing found all the evidence."""
+    cfg = world_config(world, model_cache, max_steps=3)
+    questions = data.load_questions(world / "questions_test.jsonl")
+    methods = ["direct", "single:text", "single:image", "single:table", "random", "oracle"]
+    records = ev.run_methods(cfg, questions, methods, None, False, tmp_path, str(world), gold_reader=True)
+    table = ev.summarise(records)
+    oracle = table["mini_world/oracle"]
+    singles = [table[f"mini_world/single:{k}"] for k in ("text", "image", "table")]
+    assert oracle["several_experts"]["n"] > 0
+    for single in singles:
+        assert oracle["several_experts"]["recall"] > single["several_experts"]["recall"]
+        assert oracle["several_experts"]["evidence_recall"] > single["several_experts"]["evidence_recall"]
+        assert oracle["recall"] > single["recall"]
+    assert oracle["routing_accuracy"] == 100.0
+    assert table["mini_world/direct"]["recall"] == 0.0 and table["mini_world/direct"]["expert_calls_per_question"] == 0
+    # Every record holds its trace; the file holds every method's record for every question.
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(methods) * len(questions)
+    assert all("Final answer:" in json.loads(line)["trace"] for line in lines)
+
+
+def test_evaluation_command_with_the_tiny_policy(world, model_cache, tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
+                                  "world_dir": str(world), "max_steps": 1, "max_new_tokens_plan": 16,
+                                  "max_new_tokens_answer": 8}))
+    out = tmp_path / "eval"
+    ev.main(["--config", str(config), "--split", "test", "--limit", "3", "--methods", "policy,single:table,direct",
+             "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["mini_world/policy", "mini_world/single:table", "mini_world/direct"]
+    assert all(row["n"] == 3 for row in summary.values())
+    assert "| mini_world | single:table | 3 |" in (out / "summary.md").read_text()
+    assert "F1-Recall" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "single:video"], "unknown method"),
+    (["--split", "dev"], "no split 'dev'"),
+    (["--policy", "gold-reader", "--methods", "policy"], "needs the model"),
+])
+def test_evaluation_command_errors_name_the_problem(world, model_cache, tmp_path, capsys, args, message):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world)}))
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--config", str(config), "--out", str(tmp_path / "e"), *args])
+    assert message in str(exit_info.value)

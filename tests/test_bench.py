@@ -1,0 +1,34 @@
+"""bench.py: the phase breakdown accounts for the whole update, and the standard workload is exact."""
+import json
+
+import bench
+
+
+def test_training_breakdown_accounts_for_the_update(world, model_cache, tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
+                                  "world_dir": str(world), "questions_per_step": 2, "group_size": 2, "max_steps": 1,
+                                  "max_new_tokens_plan": 16, "max_new_tokens_answer": 8, "beta": 0.04}))
+    out = tmp_path / "bench.json"
+    bench.main(["--config", str(config), "--steps", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    phases = result["phases"]
+    assert set(bench.PHASES) <= set(phases)
+    for name in ("generation", "reference forward", "policy forward", "backward", "optimizer"):
+        assert phases[name] > 0, name
+    assert abs(sum(phases.values()) - result["step_s"]) < 1e-6  # "other" closes the sum: nothing is hidden
+    assert phases["other (parsing, bookkeeping)"] >= 0
+    assert result["work"]["sequences"] >= 2 * 2 * 2  # a plan and a final step per trajectory at least
+    assert result["memory"]["peak_rss_gb"] > 0
+    printed = capsys.readouterr().out
+    assert "| generation |" in printed and "work per update: B=2 x G=2" in printed
+
+
+def test_standard_workload_is_the_fixed_work(model_cache):
+    result = bench.bench_standard(steps=1, load_in_4bit=True, model_cache=model_cache)
+    work = result["work"]
+    assert work["sequences"] == 16 and work["sequences_with_image"] == 16
+    assert work["completion_tokens_mean"] == 32 and work["completion_tokens_max"] == 32  # exactly 32, no early stop
+    assert work["image_tokens_per_image"] == [4]  # 56x56 pixels = 2x2 patches of 28 after the merge
+    assert result["phases"]["reference forward"] > 0  # beta = 0.04: the reference is computed
+    assert result["config"]["lora_r"] == 8
