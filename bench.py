@@ -330,9 +330,10 @@ def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The sub-command is a first word, not an argparse positional: a config override such as
+    # `--mode steps` would otherwise have its value taken for the sub-command.
+    what = argv[0] if argv[:1] in (["experts"], ["rollout"]) else "train"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="train", choices=["train", "experts", "rollout"],
-                        help="train (default): the phase breakdown of training updates")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "tiny.json"))
     parser.add_argument("--workload", choices=["config", "standard"], default="config",
                         help="standard: the fixed tiny-VL GRPO step, fp32 and 4-bit (the config is not used)")
@@ -344,14 +345,14 @@ def main(argv=None):
     parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "shared/data/more"))
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
-    args, overrides = parser.parse_known_args(argv)
-    if overrides and (args.what != "train" or args.workload == "standard"):
+    args, overrides = parser.parse_known_args(argv[1:] if what != "train" else argv)
+    if overrides and (what != "train" or args.workload == "standard"):
         parser.error(f"unrecognised arguments: {' '.join(overrides)}")
     print("command: python bench.py " + " ".join(argv))
-    if args.what == "experts":
+    if what == "experts":
         result = bench_experts(Path(args.data), args.queries)
         print_experts(result)
-    elif args.what == "rollout":
+    elif what == "rollout":
         result = bench_rollout(args.config, args.repeats)
         print_rollout(result)
     elif args.workload == "standard":

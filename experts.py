@@ -74,6 +74,18 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.dim = self.model.config.hidden_size
+        self.recent: dict[str, np.ndarray] = {}  # encode_queries' memory, cleared when full
+        self.recent_size = 4096
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """`encode` with a memory of recent texts. The experts share one encoder, and the all-expert
+        probe sends every sub-question to each of them: this way each is encoded once, not thrice."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self.recent))
+        if missing:
+            if len(self.recent) + len(missing) > self.recent_size:
+                self.recent.clear()
+            self.recent.update(zip(missing, self.encode(missing)))
+        return np.stack([self.recent[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
     @torch.no_grad()
     def encode(self, texts: list[str], progress: str | None = None) -> np.ndarray:
@@ -309,7 +321,7 @@ class Expert:
         text = np.zeros((len(queries), self.text_encoder.dim), np.float32)
         with_text = [i for i, q in enumerate(queries) if q.text.strip()]
         if with_text:
-            text[with_text] = self.text_encoder.encode([queries[i].text for i in with_text])
+            text[with_text] = self.text_encoder.encode_queries([queries[i].text for i in with_text])
         if self.kind != "image":
             return text
         image = np.zeros((len(queries), self.image_encoder.dim), np.float32)

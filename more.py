@@ -10,6 +10,7 @@ The protocol is the one released with MoRE (arXiv 2505.22095): a plan step write
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -500,24 +501,37 @@ class _SampledLogprobs:
             self.previous = None
 
 
+@functools.lru_cache(maxsize=4)
+def _ids_containing(tokenizer, char: str) -> torch.Tensor:
+    """Ids of the tokens whose text contains `char` (every closing tag ends with '>')."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([i for i, t in enumerate(tokens) if t and char in t], dtype=torch.long)
+
+
 class _StopAtTag:
-    """StoppingCriteria: a row is done at end-of-turn or once its completion contains `tag`."""
+    """StoppingCriteria: a row is done at end-of-turn or once its completion contains `tag`.
+
+    The tail is decoded only for rows whose last token could complete the tag (it contains the
+    tag's last character), not for every row at every step.
+    """
 
     def __init__(self, tokenizer, prompt_len: int, tag: str, eos_id: int):
         self.tokenizer, self.prompt_len, self.tag, self.eos_id = tokenizer, prompt_len, tag, eos_id
+        self.closers = _ids_containing(tokenizer, tag[-1])
         self.lengths: dict[int, int] = {}
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row in range(input_ids.shape[0]):
+        last = input_ids[:, -1]
+        may_close = torch.isin(last, self.closers.to(last.device)) | (last == self.eos_id)
+        for row in may_close.nonzero()[:, 0].tolist():
             if row in self.lengths:
-                done[row] = True
                 continue
             completion = input_ids[row, self.prompt_len:]
             tail = self.tokenizer.decode(completion[-16:], skip_special_tokens=False)
             if completion[-1].item() == self.eos_id or self.tag in tail:
                 self.lengths[row] = len(completion)
-                done[row] = True
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[list(self.lengths)] = True
         return done
 
 
@@ -572,11 +586,12 @@ def _core(model):
 
 
 def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor, temperature: float = 1.0,
-                   chunk_rows: int = 1024, with_entropy: bool = False):
+                   chunk_rows: int = 1024, with_entropy: bool = False, entropy_grad: bool = True):
     """log π(y_t | x, y_<t) for every completion token; zeros elsewhere. Shape (B, L), fp32.
 
     The same distribution as at sampling time: vision tokens suppressed, logits / temperature.
-    With `with_entropy`, also returns the per-token entropy of that distribution (B, L).
+    With `with_entropy`, also returns the per-token entropy of that distribution (B, L); with
+    `entropy_grad=False` it is a metric only, and no graph is kept for its full-vocabulary softmax.
     """
     core = _core(policy.model)
     inputs = _to(inputs, policy.device, _compute_dtype(policy.model))
@@ -595,8 +610,9 @@ def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor, 
         log_z = torch.logsumexp(logits, dim=-1)
         logps.append(logits.gather(1, targets[start:start + chunk_rows, None])[:, 0] - log_z)
         if with_entropy:
-            probs = torch.softmax(logits, dim=-1)
-            entropies.append(log_z - (probs * logits.nan_to_num(neginf=0.0)).sum(-1))  # H = log Z - E[logit]
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                probs = torch.softmax(logits, dim=-1)
+                entropies.append(log_z - (probs * logits.nan_to_num(neginf=0.0)).sum(-1))  # H = log Z - E[logit]
     out = torch.zeros(completion_mask.shape, dtype=torch.float32, device=policy.device)
     entropy = torch.zeros_like(out)
     if logps:

@@ -256,16 +256,17 @@ def plan_reward(step, gold_sub_question: str | None, similarity, cfg) -> float:
 
 
 class SubQuestionSimilarity:
-    """cos(emb(a), emb(b)) with the configured text encoder (the release: BGE-M3), cached."""
+    """cos(emb(a), emb(b)) with the configured text encoder (the release: BGE-M3).
+
+    Through the encoder's query memory: the experts have just encoded the policy's sub-questions.
+    """
 
     def __init__(self, encoder):
-        self.encoder, self.cache = encoder, {}
+        self.encoder = encoder
 
     def __call__(self, a: str, b: str) -> float:
-        missing = [t for t in (a, b) if t not in self.cache]
-        if missing:
-            self.cache.update(zip(missing, self.encoder.encode(missing)))
-        return float(np.dot(self.cache[a], self.cache[b]))
+        vectors = self.encoder.encode_queries([a, b])
+        return float(np.dot(vectors[0], vectors[1]))
 
 
 def trajectory_rewards(trajectory, gold_hops, similarity, cfg) -> tuple[list[float], float]:
@@ -416,7 +417,8 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
         with clock("reference forward"):
             ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta else old
         with clock("policy forward"):
-            logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True)
+            logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True,
+                                                entropy_grad=bool(cfg.entropy_coef))
             advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=policy.device)
             part = step_grpo_loss(logp, old, ref, advantages, mask, cfg.clip_eps, cfg.beta, entropy,
                                   cfg.entropy_coef, cfg.aggregation)

@@ -80,11 +80,33 @@ def test_image_expert_by_image_by_text_and_by_both(image_expert):
 def test_batched_search_equals_one_by_one(text_expert, image_expert):
     queries = list(PARAPHRASES) * 4  # B x G queries of one rollout step
     batched = text_expert.search(queries, k=5)
-    single = [text_expert.search([q], k=5)[0] for q in queries]
+    single = []
+    for q in queries:
+        text_expert.text_encoder.recent.clear()  # encode each query alone, not from the batch's memory
+        single.append(text_expert.search([q], k=5)[0])
     assert [[h.doc_id for h in r] for r in batched] == [[h.doc_id for h in r] for r in single]
     assert np.allclose([[h.score for h in r] for r in batched], [[h.score for h in r] for r in single], atol=1e-5)
     mixed = [Query("a kite"), Query(image=random_image(101, (64, 64))), Query("windmill", random_image(103, (64, 64)))]
     assert [r[0].doc_id for r in image_expert.search(mixed)] == [image_expert.search([q])[0][0].doc_id for q in mixed]
+
+
+def test_query_memory_returns_what_encoding_returns_and_encodes_each_text_once(encoder):
+    texts = ["Who founded Velora?", "population of Arlen", "Who founded Velora?"]
+    encoder.recent.clear()
+    calls = []
+    encode = encoder.encode
+    encoder.encode = lambda batch, progress=None: calls.append(list(batch)) or encode(batch, progress)
+    try:
+        first = encoder.encode_queries(texts)
+        again = encoder.encode_queries(texts[:2])
+    finally:
+        del encoder.encode  # back to the method
+    assert calls == [texts[:2]]  # one pass, duplicates and repeats not re-encoded
+    assert np.allclose(first, encode(texts), atol=1e-5) and np.array_equal(again, first[:2])
+    encoder.recent_size = 2  # full: the memory starts over rather than growing
+    encoder.encode_queries(["a new text"])
+    assert list(encoder.recent) == ["a new text"]
+    encoder.recent_size = 4096
 
 
 def test_save_load_gives_identical_results_and_restores_ef(text_expert, encoder, tmp_path):

@@ -3,6 +3,7 @@ import random
 
 import bitsandbytes as bnb
 import pytest
+import numpy as np
 import torch
 
 import more
@@ -142,6 +143,32 @@ def test_sampled_completions_stop_at_the_closing_tag_and_never_emit_vision_token
         if not completion.truncated:
             ends_turn = completion.ids[-1] == shared_policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
             assert ends_turn or completion.text.rstrip().endswith("</ret>") or "</ret>" in completion.text
+
+
+def test_stopper_ends_each_row_at_the_first_closing_tag_or_end_of_turn(shared_policy):
+    """Step by step as generate calls it, on random rows with tags planted: the length recorded is
+    the first prefix whose text holds the tag (or ends the turn), whatever token completes it."""
+    tok = shared_policy.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = np.random.RandomState(0)
+    rows = []
+    for r in range(40):
+        ids = rng.randint(0, 1900, size=30).tolist()
+        if r % 4 == 0:
+            ids[rng.randint(5, 30)] = eos
+        elif r % 4 != 3:  # a planted tag, tokenised in context (sometimes merged with what follows)
+            at = rng.randint(0, 25)
+            ids = ids[:at] + tok("x</ret>" + ("\n" if r % 2 else ""), add_special_tokens=False)["input_ids"] + ids[at:]
+        rows.append(ids[:30])
+    prompt = [5, 6, 7]
+    batch = torch.tensor([prompt + ids for ids in rows])
+    stopper = more._StopAtTag(tok, len(prompt), "</ret>", eos)
+    for t in range(1, 31):
+        stopper(batch[:, :len(prompt) + t], None)
+    for row, ids in enumerate(rows):
+        expected = next((n for n in range(1, 31) if ids[n - 1] == eos or
+                         "</ret>" in tok.decode(ids[:n][-16:], skip_special_tokens=False)), None)
+        assert stopper.lengths.get(row) == expected, (row, tok.decode(ids))
 
 
 def test_unreadable_image_is_a_clear_error(shared_policy, tmp_path):
