@@ -260,9 +260,9 @@ def gold_reader_sampler(questions, image_root=None):
     evidence. Its own expert choice is a placeholder: use it with a routing method, not `policy`.
     """
     import more
-    from rollout import _image_path
-    by_question = {(_image_path(q.image, image_root), q.question): q for q in questions}
-    sub_answers = {(_image_path(q.image, image_root), h.sub_question): h.sub_answer for q in questions for h in q.hops}
+    from rollout import image_path
+    by_question = {(image_path(q.image, image_root), q.question): q for q in questions}
+    sub_answers = {(image_path(q.image, image_root), h.sub_question): h.sub_answer for q in questions for h in q.hops}
     plan = "<think>Follow the gold plan.</think><sub-question>{}</sub-question><ret>{}</ret>"
 
     def origin(user: str) -> str:
@@ -311,9 +311,9 @@ def question_record(question, trajectory, method: str, show_k: int) -> dict:
     from rollout import format_trace
     plans = [s for s in trajectory.steps if s.kind == "plan" and s.valid and not s.stop]
     rounds = [s.experts for s in plans]
-    shown = [{i for c in s.calls for i in c.hit_ids[:show_k]} for s in plans]
+    shown = {i for s in plans for c in s.calls for i in c.hit_ids[:show_k]}
     hops = question.hops
-    found = [bool(set(h.gold_docs) & set().union(*shown)) for h in hops] if shown else [False] * len(hops)
+    found = [bool(set(h.gold_docs) & shown) for h in hops]
     routed = [len(s.experts) == 1 and s.experts[0] in hops[s.hop].gold_experts
               for s in plans if s.hop < len(hops) and hops[s.hop].gold_experts]
     result = score(trajectory.final_answer, question_golds(question))

@@ -161,7 +161,7 @@ def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, m
     `router`, when given, overrides what each valid plan asks and of whom (evaluation baselines).
     """
     clock = clock or PhaseClock()
-    states = [_State(Trajectory(q.qid, g, q.question, _image_path(q.image, image_root), golds=list(q.answers)),
+    states = [_State(Trajectory(q.qid, g, q.question, image_path(q.image, image_root), golds=list(q.answers)),
                      list(q.hops)) for q in questions for g in range(group_size)]
     plan_system = more.plan_system_prompt(experts)
     for hop in range(max_steps):
@@ -177,7 +177,8 @@ def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, m
     return [s.trajectory for s in states]
 
 
-def _image_path(image, image_root):
+def image_path(image, image_root):
+    """A question's image path as the policy and experts open it: relative paths are under image_root."""
     if image is None or image_root is None or Path(image).is_absolute():
         return image
     return str(Path(image_root) / image)
