@@ -215,14 +215,8 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
     rng = random.Random(cfg.seed)
 
     def one_step(clock):
-        seed = rng.randrange(2**31)
-        if cfg.mode == "online":
-            batch = rng.sample(questions, cfg.questions_per_step)
-            trajectories, samples, _, _ = sg.online_step(policy, experts, batch, similarity, cfg, seed, clock)
-        else:
-            batch, trajectories = rng.sample(step_samples, cfg.questions_per_step), []
-            samples, _, _ = sg.steps_mode_step(policy, batch, similarity, cfg, seed, clock)
-        sg.policy_update(policy, optimizer, samples, cfg, clock)
+        trajectories, samples, _, _, _ = sg.grpo_step(policy, optimizer, experts, similarity, questions, step_samples,
+                                                      cfg, rng, rng.randrange(2**31), clock)
         return dict(sampled_tokens=sum(len(s.step.completion_ids) for s in samples),
                     work=describe_work(samples, trajectories, image_token_id))
 

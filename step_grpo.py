@@ -558,6 +558,22 @@ def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=
     return samples, rewards_by_kind, zero_std / max(len(step_samples), 1)
 
 
+def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, cfg, rng, seed: int, clock=None):
+    """One GRPO update in the configured mode: draw a batch with `rng`, sample and score, update.
+
+    Returns (trajectories, samples, rewards by step kind, zero-std fraction, update statistics);
+    trajectories is empty in steps mode. `train` and bench.py both run this.
+    """
+    if cfg.mode == "online":
+        batch = rng.sample(questions, min(cfg.questions_per_step, len(questions)))
+        trajectories, samples, rewards, zero_std = online_step(policy, experts, batch, similarity, cfg, seed, clock)
+    else:
+        batch = rng.sample(step_samples, min(cfg.questions_per_step, len(step_samples)))
+        samples, rewards, zero_std = steps_mode_step(policy, batch, similarity, cfg, seed, clock)
+        trajectories = []
+    return trajectories, samples, rewards, zero_std, policy_update(policy, optimizer, samples, cfg, clock)
+
+
 def official_step_reward(gold, text: str, similarity, cfg) -> float:
     """The release's step rewards against a step file's gold: the plan's expert must be one of the
     gold names (a set, when data.py labelled it by asking every expert); the sub-question is scored
@@ -732,15 +748,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> P
             row, trajectories = {"phase": "sft", "sft_loss": loss}, []
         else:
             clock = rollout.PhaseClock(policy.device)
-            if cfg.mode == "online":
-                batch = rng.sample(questions, min(cfg.questions_per_step, len(questions)))
-                trajectories, samples, rewards, zero_std = online_step(policy, experts, batch, similarity, cfg,
-                                                                       cfg.seed + step, clock)
-            else:
-                batch = rng.sample(step_samples, min(cfg.questions_per_step, len(step_samples)))
-                samples, rewards, zero_std = steps_mode_step(policy, batch, similarity, cfg, cfg.seed + step, clock)
-                trajectories = []
-            update = policy_update(policy, optimizer, samples, cfg, clock)
+            trajectories, samples, rewards, zero_std, update = grpo_step(
+                policy, optimizer, experts, similarity, questions, step_samples, cfg, rng, cfg.seed + step, clock)
             row = {"phase": "grpo", **update, **step_metrics(rewards, samples, trajectories, zero_std,
                                                              clock.seconds["generation"], policy),
                    **{f"seconds_{name.replace(' ', '_')}": t for name, t in clock.seconds.items()}}
@@ -748,8 +757,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> P
                 rollout.write_traces(out_dir / "traces.jsonl", trajectories[:cfg.traces_per_step])
         scheduler.step()
         row.update(step=step, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - began)
-        grpo_step = step - cfg.sft_steps + 1
-        if cfg.eval_every and step >= cfg.sft_steps and (grpo_step % cfg.eval_every == 0 or step == total - 1):
+        grpo_number = step - cfg.sft_steps + 1
+        if cfg.eval_every and step >= cfg.sft_steps and (grpo_number % cfg.eval_every == 0 or step == total - 1):
             row.update(evaluate(policy, experts, held_out, cfg))
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
