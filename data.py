@@ -35,6 +35,10 @@ class Hop:
     uses_image: bool = False  # the hop needs the question's image (identify what is pictured)
     gold_experts: list[str] = field(default_factory=list)  # filled by label_gold_experts
 
+    def routed_by(self, experts: list[str]) -> bool:
+        """Routing is right when exactly one expert is asked and it is one that holds this hop's evidence."""
+        return len(experts) == 1 and experts[0] in self.gold_experts
+
 
 @dataclass
 class Question:

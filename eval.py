@@ -314,7 +314,7 @@ def question_record(question, trajectory, method: str, show_k: int) -> dict:
     shown = {i for s in plans for c in s.calls for i in c.hit_ids[:show_k]}
     hops = question.hops
     found = [bool(set(h.gold_docs) & shown) for h in hops]
-    routed = [len(s.experts) == 1 and s.experts[0] in hops[s.hop].gold_experts
+    routed = [hops[s.hop].routed_by(s.experts)
               for s in plans if s.hop < len(hops) and hops[s.hop].gold_experts]
     result = score(trajectory.final_answer, question_golds(question))
     return dict(dataset=question.dataset, qid=question.qid, kind=question.kind, method=method,

@@ -252,6 +252,7 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, init_lora_weights=True, bias="none",
                           modules_to_save=["lm_head"] if cfg.train_lm_head else None)
+        torch.manual_seed(cfg.seed)  # LoRA's init is then the same whether or not the model was just built
         model = get_peft_model(model, lora)
     processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
     suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]

@@ -129,7 +129,7 @@ class Config:
     aggregation: str = "token"
     """Loss aggregation: 'token' (mean over all policy tokens) or 'sequence' (mean of per-sequence means)."""
     w_route: float = 0.5
-    """Plan reward: weight of routing credit (exactly one expert, and it holds the gold evidence)."""
+    """Plan reward: weight of routing credit (exactly one expert, and it is in the hop's gold-expert set)."""
     w_subq: float = 0.5
     """Plan reward: weight of cosine similarity of the sub-question to the gold one."""
     w_outcome: float = 1.0
@@ -238,21 +238,24 @@ def answer_reward(prediction: str, golds: list[str]) -> float:
     return recall
 
 
-def plan_reward(step, gold_sub_question: str | None, similarity, cfg) -> float:
-    """w_route · [exactly one expert, and it holds the gold evidence] + w_subq · cos(sub-q, gold sub-q).
+def plan_reward(step, gold_hop, similarity, cfg) -> float:
+    """w_route · [exactly one expert, and it is in the hop's gold-expert set] + w_subq · cos(sub-q, gold sub-q).
 
-    The release credits the teacher's expert; here the credit comes from the all-expert probe
-    (`step.probe`): the chosen expert's top-k for the policy's own sub-question held the gold
-    evidence. Stopping (None/None) earns 1 when no gold hop is left, 0 when one is.
+    `gold_hop` is the data.Hop this plan should retrieve for, or None when no gold hop is left.
+    The release credits the one expert its teacher chose; the gold-expert set here is every expert
+    whose top-k for the gold sub-question holds the evidence (data.label_gold_experts, the
+    all-expert probe). Routing is credited apart from the sub-question's wording, which the
+    similarity term scores; whether the policy's own sub-question found the evidence is the
+    `evidence_found` metric. Stopping (None/None) earns 1 when no gold hop is left, 0 when one is.
     """
     if not step.valid:
         return 0.0
     if step.stop:
-        return float(gold_sub_question is None)
-    if gold_sub_question is None:
+        return float(gold_hop is None)
+    if gold_hop is None:
         return 0.0  # retrieving when the gold plan says stop
-    routed = len(step.experts) == 1 and step.probe.get(step.experts[0], False)
-    return cfg.w_route * float(routed) + cfg.w_subq * max(0.0, similarity(step.sub_question, gold_sub_question))
+    routed = gold_hop.routed_by(step.experts)
+    return cfg.w_route * float(routed) + cfg.w_subq * max(0.0, similarity(step.sub_question, gold_hop.sub_question))
 
 
 class SubQuestionSimilarity:
@@ -274,8 +277,8 @@ def trajectory_rewards(trajectory, gold_hops, similarity, cfg) -> tuple[list[flo
     rewards = []
     for step in trajectory.steps:
         if step.kind == "plan":
-            gold = gold_hops[step.hop].sub_question if step.hop < len(gold_hops) else None
-            rewards.append(plan_reward(step, gold, similarity, cfg))
+            rewards.append(plan_reward(step, gold_hops[step.hop] if step.hop < len(gold_hops) else None,
+                                       similarity, cfg))
         elif step.kind == "answer":
             gold = [gold_hops[step.hop].sub_answer] if step.hop < len(gold_hops) else []
             rewards.append(answer_reward(step.answer, gold) if step.valid else 0.0)
@@ -678,7 +681,7 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def step_metrics(rewards_by_kind, samples, trajectories, zero_std, generation_seconds, policy) -> dict:
+def step_metrics(rewards_by_kind, samples, trajectories, hops_by_id, zero_std, generation_seconds, policy) -> dict:
     out = {f"reward_{kind}": float(np.mean(r)) for kind, r in rewards_by_kind.items()}
     out.update({f"reward_{kind}_std": float(np.std(r)) for kind, r in rewards_by_kind.items()})
     tokens = sum(len(s.step.completion_ids) for s in samples)
@@ -689,9 +692,25 @@ def step_metrics(rewards_by_kind, samples, trajectories, zero_std, generation_se
         usage = Counter(k for s in plans for k in s.experts)
         out.update({f"expert_{k}": usage[k] / max(len(plans), 1) for k in ("text", "image", "table")})
         out["valid_plan_fraction"] = float(np.mean([s.valid for s in plans])) if plans else 0.0
-        routed = [s.probe.get(s.experts[0], False) for s in plans if len(s.experts) == 1 and s.probe]
-        out["routing_accuracy"] = float(np.mean(routed)) if routed else 0.0
+        out.update(routing_stats(trajectories, hops_by_id))
     return out
+
+
+def routing_stats(trajectories, hops_by_id: dict) -> dict:
+    """Over plans that retrieve while a gold hop is left: `routing_accuracy`, the share whose single
+    expert is in the hop's gold-expert set (what plan_reward credits; hops no expert can answer are
+    left out, as in eval.py), and `evidence_found`, the share whose expert's top-k for the policy's own
+    sub-question held the evidence (the live probe)."""
+    routed, found = [], []
+    for t in trajectories:
+        hops = hops_by_id[t.question_id]
+        for s in t.steps:
+            if s.kind == "plan" and s.valid and not s.stop and s.hop < len(hops):
+                if hops[s.hop].gold_experts:
+                    routed.append(hops[s.hop].routed_by(s.experts))
+                found.append(len(s.experts) == 1 and s.probe.get(s.experts[0], False))
+    return {"routing_accuracy": float(np.mean(routed)) if routed else 0.0,
+            "evidence_found": float(np.mean(found)) if found else 0.0}
 
 
 def evaluate(policy, experts, questions, cfg) -> dict:
@@ -703,9 +722,9 @@ def evaluate(policy, experts, questions, cfg) -> dict:
     trajectories = rollout.rollout(rollout.policy_sampler(policy, greedy), experts, questions, 1, cfg.max_steps,
                                    cfg.retrieve_k, cfg.show_k, image_root=cfg.world_dir)
     plans = [s for t in trajectories for s in t.steps if s.kind == "plan"]
-    routed = [len(s.experts) == 1 and s.probe.get(s.experts[0], False) for s in plans if not s.stop]
+    routing = routing_stats(trajectories, {q.qid: q.hops for q in questions})
     return {"eval_recall": float(np.mean([score(t.final_answer, t.golds).recall for t in trajectories])),
-            "eval_routing_accuracy": float(np.mean(routed)) if routed else 0.0,
+            **{f"eval_{name}": value for name, value in routing.items()},
             "eval_valid_plans": float(np.mean([s.valid for s in plans])) if plans else 0.0}
 
 
@@ -732,6 +751,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> P
     step_samples = data.load_step_file(step_file)
     questions = data.load_questions(Path(cfg.world_dir) / "questions_train.jsonl")
     held_out = data.load_questions(Path(cfg.world_dir) / "questions_validation.jsonl")[:cfg.eval_questions]
+    hops_by_id = {q.qid: q.hops for q in questions}
     start = torch.load(checkpoint / "state.pt", weights_only=False)["step"] + 1 if checkpoint else 0
     phase = "sft" if start < cfg.sft_steps else "grpo"
     optimizer, scheduler = make_optimizer(policy, cfg, phase)
@@ -750,7 +770,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> P
             clock = rollout.PhaseClock(policy.device)
             trajectories, samples, rewards, zero_std, update = grpo_step(
                 policy, optimizer, experts, similarity, questions, step_samples, cfg, rng, cfg.seed + step, clock)
-            row = {"phase": "grpo", **update, **step_metrics(rewards, samples, trajectories, zero_std,
+            row = {"phase": "grpo", **update, **step_metrics(rewards, samples, trajectories, hops_by_id, zero_std,
                                                              clock.seconds["generation"], policy),
                    **{f"seconds_{name.replace(' ', '_')}": t for name, t in clock.seconds.items()}}
             if trajectories and cfg.traces_per_step:

@@ -107,6 +107,39 @@ def test_answer_reward_rules():
     assert sg.answer_reward("", ["x"]) == 0.0
 
 
+def test_plan_reward_rules():
+    """Routing credit from the hop's gold-expert set, apart from the sub-question; the format gates all."""
+    import data
+    import more
+    import rollout
+    from experts import EXPERT_NAMES, TextEncoder
+    similarity = sg.SubQuestionSimilarity(TextEncoder("minilm"))
+    cfg = sg.Config(w_route=0.5, w_subq=0.5)
+    hop = data.Hop("who founded Velora?", "Ada Brill", ["t1"], gold_experts=["text", "table"])
+
+    def plan(sub_question: str, *experts: str, probe=None):
+        names = ", ".join(EXPERT_NAMES.get(e, "None") for e in experts)
+        text = f"<think>x</think><sub-question>{sub_question}</sub-question><ret>{names}</ret>"
+        parsed = more.parse_plan(text, list(EXPERT_NAMES.values()))
+        kinds = {v: k for k, v in EXPERT_NAMES.items()}
+        return rollout.Step("plan", [], [], [], text, parsed.valid, parsed.reason, parsed.sub_question,
+                            [kinds[n] for n in parsed.experts], parsed.stop, probe=probe or {})
+
+    # Either expert of the set earns the routing credit, even when its top-k for this wording missed.
+    assert sg.plan_reward(plan("who founded Velora?", "table", probe={"table": False}), hop, similarity, cfg) \
+        == pytest.approx(1.0, abs=1e-5)
+    assert sg.plan_reward(plan("who founded Velora?", "image"), hop, similarity, cfg) == pytest.approx(0.5, abs=1e-5)
+    assert sg.plan_reward(plan("who founded Velora?", "text", "image"), hop, similarity, cfg) \
+        == pytest.approx(0.5, abs=1e-5)  # two experts: no routing credit
+    unrelated = sg.plan_reward(plan("a list of river lengths", "text"), hop, similarity, cfg)
+    assert 0.5 <= unrelated < 0.75  # credit for the expert, little for the wording
+    assert sg.plan_reward(plan("None", "none"), None, similarity, cfg) == 1.0  # a correct stop
+    assert sg.plan_reward(plan("None", "none"), hop, similarity, cfg) == 0.0   # stopping too early
+    assert sg.plan_reward(plan("who founded Velora?", "text"), None, similarity, cfg) == 0.0  # too long
+    broken = plan("who founded Velora?", "text")
+    broken.valid = False
+    assert sg.plan_reward(broken, hop, similarity, cfg) == 0.0
+
 # ----------------------------------------------------------------------------------- the direction
 
 
