@@ -6,6 +6,8 @@
       a fixed tiny-VL GRPO step (fp32 and 4-bit) that other implementations can be timed on
   python bench.py experts [--data ../shared/data/more] [--queries 1000]
   python bench.py rollout [--config tiny.json] [--repeats 5]
+  python bench.py weights --config small.json --random-init qwen2.5-vl-3b --device cpu
+      the loaded policy's parameters and bytes by part, and the optimiser state they imply
 """
 from __future__ import annotations
 
@@ -128,6 +130,94 @@ def print_rollout(r: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Weights: what the loaded policy holds, part by part, counted on the model load_policy returns
+# (so NF4 packing, double quantisation, the tied head and peft's adapter dtype are what they are,
+# not what we assume). Runs on CPU: the static half of the 24 GB plan needs no GPU.
+
+
+def bench_config(config: str, overrides: list[str], random_init: str | None):
+    """The config with its command-line overrides; `random_init` builds that arch preset with random weights."""
+    import step_grpo
+    return step_grpo.load_config(config, overrides + (["--random_init", "true", "--arch", random_init]
+                                                      if random_init else []))
+
+
+def tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def quant_state_bytes(weight) -> int:
+    """What bitsandbytes keeps beside NF4 weights: block absmax, the code, and the nested state of
+    double quantisation (absmax of the absmax)."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return 0
+    total = tensor_bytes(state.absmax) + tensor_bytes(state.code)
+    if state.nested:
+        total += tensor_bytes(state.state2.absmax) + tensor_bytes(state.state2.code) + tensor_bytes(state.offset)
+    return total
+
+
+def weight_part(name: str, param) -> str:
+    if param.requires_grad:
+        return "trainable (LoRA" + (", LM head copy)" if "modules_to_save" in name else ")")
+    if hasattr(param, "quant_state"):
+        return "language model linear layers, NF4"
+    if ".visual." in name:
+        return "vision tower, frozen"
+    return "embeddings, head, norms, frozen"
+
+
+def bench_weights(config: str, overrides: list[str], random_init: str | None) -> dict:
+    """Parameters and bytes of the loaded policy by part, and the optimiser state its trainable part implies.
+
+    `gpu_bytes` is what each part takes on a GPU, where load_policy computes in bf16: frozen
+    full-precision weights are bf16 there (fp32 when loaded on a CPU); NF4 and the fp32 adapter are
+    the same on both.
+    """
+    import more
+    cfg = bench_config(config, overrides, random_init)
+    start = time.perf_counter()
+    policy = more.load_policy(cfg)
+    load_s = time.perf_counter() - start
+    parts: dict[str, dict] = {}
+    for name, param in policy.model.named_parameters():
+        part = parts.setdefault(weight_part(name, param), dict(params=0, bytes=0, gpu_bytes=0, dtypes=set()))
+        # NF4 packs two 4-bit values in each uint8 element: the weight's true count is twice its numel.
+        quantised = hasattr(param, "quant_state")
+        stored = tensor_bytes(param) + quant_state_bytes(param)
+        part["params"] += param.numel() * (2 if quantised else 1)
+        part["bytes"] += stored
+        part["gpu_bytes"] += stored if quantised or param.requires_grad else param.numel() * 2
+        part["dtypes"].add("nf4" if quantised else str(param.dtype).replace("torch.", ""))
+    trainable = sum(p["params"] for k, p in parts.items() if k.startswith("trainable"))
+    optimizer_bytes = {"adamw": 8 * trainable, "paged_adamw_8bit": 2 * trainable}[cfg.optimizer]
+    training_state = dict(gradients_fp32=4 * trainable, optimizer=optimizer_bytes)
+    return dict(parts={k: dict(v, dtypes=sorted(v["dtypes"])) for k, v in parts.items()},
+                training_state=training_state, load_s=load_s, memory=peak_memory(policy.device),
+                config=dict(config=config, overrides=overrides, model=cfg.model_name, arch=cfg.arch,
+                            random_init=random_init, lora_r=cfg.lora_r, optimizer=cfg.optimizer,
+                            train_lm_head=cfg.train_lm_head, device=str(policy.device)))
+
+
+def print_weights(r: dict) -> None:
+    c = r["config"]
+    print(f"config: {c['config']} {' '.join(c['overrides'])}  model {c['model']} (arch {c['arch']}"
+          f"{', random weights' if c['random_init'] else ''}), LoRA r={c['lora_r']}, loaded on {c['device']} "
+          f"in {r['load_s']:.0f} s")
+    gb = lambda b: f"{b / 2**30:.2f}"
+    print("| part | parameters | dtypes | GiB as loaded | GiB on a GPU (bf16 compute) |\n|---|---|---|---|---|")
+    for name, p in r["parts"].items():
+        print(f"| {name} | {p['params'] / 1e6:,.1f} M | {', '.join(p['dtypes'])} | {gb(p['bytes'])} | {gb(p['gpu_bytes'])} |")
+    s = r["training_state"]
+    print(f"| gradients of the trainable part (fp32) | | | | {gb(s['gradients_fp32'])} |")
+    print(f"| optimiser state ({c['optimizer']}) | | | | {gb(s['optimizer'])} |")
+    total = sum(p["gpu_bytes"] for p in r["parts"].values()) + sum(s.values())
+    print(f"| **weights and training state** | | | | **{gb(total)}** |")
+    print(f"peak memory of this process: {r['memory']}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Training steps: where the time and memory of one Step-GRPO update go, phase by phase. The phases
 # are timed inside the real code (rollout.PhaseClock): these are the same functions `train` runs.
 
@@ -203,7 +293,7 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
     import more
     import step_grpo as sg
     from experts import build_experts
-    cfg = sg.load_config(config, overrides + (["--random_init", "true", "--arch", random_init] if random_init else []))
+    cfg = bench_config(config, overrides, random_init)
     data.ensure_world(cfg)
     experts = build_experts(cfg)
     policy = more.load_policy(cfg, adapter_dir=checkpoint)
@@ -326,7 +416,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # The sub-command is a first word, not an argparse positional: a config override such as
     # `--mode steps` would otherwise have its value taken for the sub-command.
-    what = argv[0] if argv[:1] in (["experts"], ["rollout"]) else "train"
+    what = argv[0] if argv[:1] in (["experts"], ["rollout"], ["weights"]) else "train"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "tiny.json"))
     parser.add_argument("--workload", choices=["config", "standard"], default="config",
@@ -340,7 +430,7 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args, overrides = parser.parse_known_args(argv[1:] if what != "train" else argv)
-    if overrides and (what != "train" or args.workload == "standard"):
+    if overrides and (what in ("experts", "rollout") or args.workload == "standard"):
         parser.error(f"unrecognised arguments: {' '.join(overrides)}")
     print("command: python bench.py " + " ".join(argv))
     if what == "experts":
@@ -349,6 +439,9 @@ def main(argv=None):
     elif what == "rollout":
         result = bench_rollout(args.config, args.repeats)
         print_rollout(result)
+    elif what == "weights":
+        result = bench_weights(args.config, overrides, args.random_init)
+        print_weights(result)
     elif args.workload == "standard":
         import step_grpo
         cache = step_grpo.Config().model_cache

@@ -50,6 +50,8 @@ ARCH_PRESETS = {
                           vision=_VISION_FULL),
 }
 
+FULL_SIZE_ARCHS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b")
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 # A random or young policy samples these; the next forward then fails with "Image features and image
@@ -160,7 +162,10 @@ def materialize_random_model(arch: str, out_dir: str | Path, seed: int = 0) -> P
     tokenizer = build_tiny_tokenizer()
     config = build_arch_config(arch, tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    if arch in FULL_SIZE_ARCHS:  # bf16, as the hub checkpoints are: a 7B in fp32 would need 33 GB of RAM
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(config)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

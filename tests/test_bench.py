@@ -32,3 +32,30 @@ def test_standard_workload_is_the_fixed_work(model_cache):
     assert work["image_tokens_per_image"] == [4]  # 56x56 pixels = 2x2 patches of 28 after the merge
     assert result["phases"]["reference forward"] > 0  # beta = 0.04: the reference is computed
     assert result["config"]["lora_r"] == 8
+
+
+def test_weight_count_matches_the_unquantised_architecture(model_cache, tmp_path, capsys):
+    """NF4 packs two values per byte: the counted parameters must still be the architecture's own."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    import more
+    import step_grpo
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
+                                  "load_in_4bit": True, "lora_r": 4, "train_lm_head": False}))
+    result = bench.bench_weights(str(config), [], None)
+    path = more.resolve_model_path(step_grpo.load_config(str(config)))
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    linear = [m for name, m in plain.named_modules()
+              if isinstance(m, torch.nn.Linear) and "language_model" in name and name.split(".")[-1] in
+              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    parts = result["parts"]
+    nf4 = parts["language model linear layers, NF4"]
+    assert nf4["params"] == sum(m.weight.numel() for m in linear)
+    assert nf4["bytes"] > nf4["params"] / 2  # the packed values, plus the quantisation state
+    lora = parts["trainable (LoRA)"]
+    assert lora["params"] == sum(4 * (m.in_features + m.out_features) for m in linear)
+    assert sum(p["params"] for p in parts.values()) == sum(p.numel() for p in plain.parameters()) + lora["params"]
+    assert result["training_state"] == dict(gradients_fp32=4 * lora["params"], optimizer=8 * lora["params"])
+    bench.print_weights(result)
+    assert "| language model linear layers, NF4 |" in capsys.readouterr().out
