@@ -714,7 +714,7 @@ def routing_stats(trajectories, hops_by_id: dict) -> dict:
 
 
 def evaluate(policy, experts, questions, cfg) -> dict:
-    """Greedy rollouts on held-out questions: answer recall, routing accuracy, valid plans."""
+    """Greedy rollouts on held-out questions: answer recall, routing accuracy, evidence found, valid plans."""
     import rollout
     from eval import score
     greedy = dataclasses.replace(cfg, temperature=0.0)
