@@ -184,23 +184,29 @@ def image_path(image, image_root):
     return str(Path(image_root) / image)
 
 
+def plan_step(text: str, kind_of: dict[str, str], prompt_ids=(), completion_ids=(), logprobs=(),
+              hop: int = 0) -> Step:
+    """A plan completion read into its Step: valid or why not, sub-question, the expert kinds it
+    names (`kind_of` maps each expert's name to its kind), and whether it stops."""
+    plan = more.parse_plan(text, list(kind_of))
+    return Step("plan", list(prompt_ids), list(completion_ids), list(logprobs), text, plan.valid, plan.reason,
+                plan.sub_question, [kind_of[n] for n in plan.experts], plan.stop, hop=hop)
+
+
 def _plan_round(sampler, active, experts, plan_system, hop, router=None):
     """Plan step for every active trajectory; returns those that chose experts."""
     prompts = [StepPrompt(plan_system, more.history_text(s.trajectory.question, s.hops), s.trajectory.image)
                for s in active]
-    names = [e.name for e in experts]
     kind_of = {e.name: e.kind for e in experts}
     planned = []
     for state, (prompt_ids, completion) in zip(active, sampler(prompts, "plan")):
-        plan = more.parse_plan(completion.text, names)
-        step = Step("plan", prompt_ids, completion.ids, completion.logprobs, completion.text, plan.valid,
-                    plan.reason, plan.sub_question, [kind_of[n] for n in plan.experts], plan.stop, hop=hop)
-        if completion.truncated and not plan.valid:
+        step = plan_step(completion.text, kind_of, prompt_ids, completion.ids, completion.logprobs, hop)
+        if completion.truncated and not step.valid:
             step.reason = f"runaway length ({len(completion.ids)} tokens); " + step.reason
-        if router and plan.valid and not plan.stop:
+        if router and step.valid and not step.stop:
             step.sub_question, step.experts = router(state.gold_hops, hop, step.sub_question, step.experts)
         state.trajectory.steps.append(step)
-        if plan.valid and not plan.stop:
+        if step.valid and not step.stop:
             planned.append(state)
         else:
             state.retrieving = False

@@ -76,9 +76,7 @@ def routed_correctly(text: str, gold: int) -> bool:
 
 def step_reward(text: str, question: str, gold: int, similarity, cfg) -> float:
     """The real plan reward; the gold hop's sub-question is the cue, its gold-expert set the gold expert."""
-    plan = more.parse_plan(text, NAMES)
-    step = rollout.Step("plan", [], [], [], text, plan.valid, plan.reason, plan.sub_question,
-                        [KINDS[NAMES.index(n)] for n in plan.experts], plan.stop)
+    step = rollout.plan_step(text, dict(zip(NAMES, KINDS)))
     hop = data.Hop("the " + cue_of(question), "", [], gold_experts=[KINDS[gold]])
     return sg.plan_reward(step, hop, similarity, cfg)
 

@@ -110,7 +110,6 @@ def test_answer_reward_rules():
 def test_plan_reward_rules():
     """Routing credit from the hop's gold-expert set, apart from the sub-question; the format gates all."""
     import data
-    import more
     import rollout
     from experts import EXPERT_NAMES, TextEncoder
     similarity = sg.SubQuestionSimilarity(TextEncoder("minilm"))
@@ -120,10 +119,9 @@ def test_plan_reward_rules():
     def plan(sub_question: str, *experts: str, probe=None):
         names = ", ".join(EXPERT_NAMES.get(e, "None") for e in experts)
         text = f"<think>x</think><sub-question>{sub_question}</sub-question><ret>{names}</ret>"
-        parsed = more.parse_plan(text, list(EXPERT_NAMES.values()))
-        kinds = {v: k for k, v in EXPERT_NAMES.items()}
-        return rollout.Step("plan", [], [], [], text, parsed.valid, parsed.reason, parsed.sub_question,
-                            [kinds[n] for n in parsed.experts], parsed.stop, probe=probe or {})
+        step = rollout.plan_step(text, {name: kind for kind, name in EXPERT_NAMES.items()})
+        step.probe = probe or {}
+        return step
 
     # Either expert of the set earns the routing credit, even when its top-k for this wording missed.
     assert sg.plan_reward(plan("who founded Velora?", "table", probe={"table": False}), hop, similarity, cfg) \
