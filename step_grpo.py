@@ -399,6 +399,10 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
 
     Each micro-batch's loss is weighted by its share of the whole (tokens for 'token'
     aggregation, sequences for 'sequence'), so the sum equals the loss over the whole batch.
+    With neither KL (β = 0) nor entropy bonus in the loss, every token of a zero-advantage sample
+    has loss max(−0·ρ, −0·clip(ρ)) = 0: it adds nothing to the gradient, only its tokens to the
+    denominator. Such samples are counted in the shares but not run through the model, which is
+    exact and saves most of an update while a step kind has no reward signal (a zero-variance group).
     `clock` (a rollout.PhaseClock) is charged with each phase's time.
     """
     import more
@@ -409,10 +413,12 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
         return {}
     weights = [len(s.step.completion_ids) if cfg.aggregation == "token" else 1 for s in samples]
     total, parts = sum(weights), []
+    carries_gradient = [i for i, s in enumerate(samples) if s.advantage != 0 or cfg.beta or cfg.entropy_coef]
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
-    for start in range(0, len(samples), cfg.micro_batch):
-        chunk = samples[start:start + cfg.micro_batch]
+    for start in range(0, len(carries_gradient), cfg.micro_batch):
+        rows = carries_gradient[start:start + cfg.micro_batch]
+        chunk = [samples[i] for i in rows]
         with clock("batch building"):
             inputs, mask = rollout.training_batch(policy, [s.step for s in chunk], [s.image for s in chunk])
             mask = mask.to(policy.device)
@@ -425,16 +431,23 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
             advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=policy.device)
             part = step_grpo_loss(logp, old, ref, advantages, mask, cfg.clip_eps, cfg.beta, entropy,
                                   cfg.entropy_coef, cfg.aggregation)
-            share = sum(weights[start:start + cfg.micro_batch]) / total
+            share = sum(weights[i] for i in rows) / total
         with clock("backward"):
             (part.loss * share).backward()
         parts.append((share, part))
     with clock("optimizer"):
+        if not parts:  # every sample skipped: the gradient is exactly zero, and AdamW still steps
+            for p in _trainable(policy):
+                p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm)
         optimizer.step()
-    mean = lambda name: sum(share * getattr(p, name) for share, p in parts)
-    return dict(loss=sum(share * p.loss.item() for share, p in parts), pg=mean("policy"), kl=mean("kl"),
-                entropy=mean("entropy"), clip_fraction=mean("clip_fraction"), grad_norm=float(grad_norm))
+    # loss and pg are exact over the whole batch (the skipped samples add 0 to both); KL, entropy
+    # and clip fraction are over the samples that were run.
+    run_share = sum(share for share, _ in parts)
+    over_run = lambda name: sum(share * getattr(p, name) for share, p in parts) / run_share if parts else float("nan")
+    return dict(loss=sum(share * p.loss.item() for share, p in parts), pg=sum(share * p.policy for share, p in parts),
+                kl=over_run("kl"), entropy=over_run("entropy"), clip_fraction=over_run("clip_fraction"),
+                grad_norm=float(grad_norm), samples_run=len(carries_gradient) / len(samples))
 
 
 def _scatter_logprobs(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:

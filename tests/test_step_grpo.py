@@ -200,6 +200,31 @@ def test_zero_advantage_with_kl_moves_the_policy_back_toward_the_reference(polic
     assert kl_to_reference() < before
 
 
+def test_zero_advantage_samples_are_not_run_and_the_gradient_is_unchanged(policy_and_samples):
+    """β = 0 and no entropy bonus: policy_update skips zero-advantage samples but keeps their tokens
+    in the token-mean's denominator, so its gradient is the whole batch's in one forward."""
+    import more
+    import rollout
+    policy, steps = policy_and_samples
+    advantages = [1.0, 0.0, -1.0, 0.0]
+    cfg = sg.Config(beta=0.0, micro_batch=1, max_grad_norm=1e9)
+    optimizer = torch.optim.SGD(sg._trainable(policy), lr=0.0)  # keeps the gradients, moves nothing
+    update = sg.policy_update(policy, optimizer, [sg.Sample(s, None, a) for s, a in zip(steps, advantages)], cfg)
+    skipping = [p.grad.clone() for p in sg._trainable(policy)]
+
+    optimizer.zero_grad()
+    inputs, mask = rollout.training_batch(policy, steps, [None] * len(steps))
+    logp = more.token_logprobs(policy, inputs, mask)
+    old = sg._scatter_logprobs([s.logprobs for s in steps], mask)
+    sg.step_grpo_loss(logp, old, old, torch.tensor(advantages), mask, cfg.clip_eps, 0.0).loss.backward()
+    whole_batch = [p.grad for p in sg._trainable(policy)]
+
+    assert update["samples_run"] == 0.5
+    assert max(g.abs().max() for g in whole_batch) > 1e-3  # far above the tolerance below
+    for a, b in zip(skipping, whole_batch):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
 # ----------------------------------------------------------------------- the loop: resume and crashes
 
 
