@@ -441,12 +441,12 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
                 p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm)
         optimizer.step()
-    # loss and pg are exact over the whole batch (the skipped samples add 0 to both); KL, entropy
-    # and clip fraction are over the samples that were run.
-    run_share = sum(share for share, _ in parts)
-    over_run = lambda name: sum(share * getattr(p, name) for share, p in parts) / run_share if parts else float("nan")
-    return dict(loss=sum(share * p.loss.item() for share, p in parts), pg=sum(share * p.policy for share, p in parts),
-                kl=over_run("kl"), entropy=over_run("entropy"), clip_fraction=over_run("clip_fraction"),
+    # loss and pg are exact over the whole batch (a skipped sample adds 0 to both); KL, entropy
+    # and clip fraction are means over the samples that were run (NaN when none was).
+    weighted = lambda name: sum(share * float(getattr(p, name)) for share, p in parts)
+    run_share = sum(share for share, _ in parts) or float("nan")
+    return dict(loss=weighted("loss"), pg=weighted("policy"), kl=weighted("kl") / run_share,
+                entropy=weighted("entropy") / run_share, clip_fraction=weighted("clip_fraction") / run_share,
                 grad_norm=float(grad_norm), samples_run=len(carries_gradient) / len(samples))
 
 
