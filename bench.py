@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 import experts
+from config import Config, load_config
 
 # ----------------------------------------------------------------------------------------------
 # Experts: build time, queries/s and recall@10 of hnswlib against exact search, on real embeddings.
@@ -91,7 +92,6 @@ def bench_rollout(config: str, repeats: int, n_questions: int = 8, group_size: i
     import rollout
     import torch
     from experts import build_experts
-    from step_grpo import load_config
     cfg = load_config(config, ["--temperature", "0"])
     data.ensure_world(cfg)
     experts = build_experts(cfg)
@@ -137,8 +137,7 @@ def print_rollout(r: dict) -> None:
 
 def bench_config(config: str, overrides: list[str], random_init: str | None):
     """The config with its command-line overrides; `random_init` builds that arch preset with random weights."""
-    import step_grpo
-    return step_grpo.load_config(config, overrides + (["--random_init", "true", "--arch", random_init]
+    return load_config(config, overrides + (["--random_init", "true", "--arch", random_init]
                                                       if random_init else []))
 
 
@@ -376,7 +375,7 @@ def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
     import step_grpo as sg
     import torch
     side, G = STANDARD["image_side"], STANDARD["group_size"]
-    cfg = sg.Config(model_name="tiny", arch=STANDARD["arch"], model_cache=model_cache, device="cpu",
+    cfg = Config(model_name="tiny", arch=STANDARD["arch"], model_cache=model_cache, device="cpu",
                     load_in_4bit=load_in_4bit, lora_r=STANDARD["lora_r"], lora_alpha=2 * STANDARD["lora_r"],
                     beta=STANDARD["beta"], group_size=G, micro_batch=STANDARD["prompts"] * G,
                     min_pixels=side * side, max_pixels=side * side, lr=1e-5)
@@ -443,8 +442,7 @@ def main(argv=None):
         result = bench_weights(args.config, overrides, args.random_init)
         print_weights(result)
     elif args.workload == "standard":
-        import step_grpo
-        cache = step_grpo.Config().model_cache
+        cache = Config().model_cache
         result = {}
         for name, four_bit in (("fp32", False), ("4-bit", True)):
             result[name] = bench_standard(args.steps, four_bit, cache)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from config import UserError
 from experts import EXPERT_NAMES, read_jsonl
 
 # ----------------------------------------------------------------------------------------------
@@ -449,8 +452,17 @@ def ensure_world(cfg) -> None:
     if index_dir != Path(cfg.world_dir) / "indexes":
         raise FileNotFoundError(f"no expert indexes at {index_dir} (expected {', '.join(cfg.experts)}); "
                                 f"build them with `python experts.py build` or point index_dir elsewhere")
-    print(f"building the mini world in {cfg.world_dir} (first run only; ~15 s)")
-    build_world(Path(cfg.world_dir), seed=cfg.seed)
+    world = Path(cfg.world_dir)
+    if world.exists():
+        raise UserError(f"world_dir {world} exists but holds no complete world (no indexes for "
+                        f"{', '.join(cfg.experts)}); delete it to rebuild, or point world_dir elsewhere")
+    print(f"building the mini world in {world} (first run only; ~15 s)")
+    # Built aside and renamed into place: a build killed halfway leaves only the .tmp folder,
+    # which the next run replaces, never a world_dir that every later run would fail on.
+    tmp = world.with_name(world.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_world(tmp, seed=cfg.seed)
+    os.replace(tmp, world)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from nltk.tokenize import word_tokenize
 
+from config import load_config
+
 # ----------------------------------------------------------------------------------------------
 # Normalisation. Every quirk below is the reference behaviour, kept on purpose.
 
@@ -442,7 +444,6 @@ def load_eval_questions(cfg, split: str, benchmark: str | None, questions_file: 
 
 def evaluate_command(args, overrides) -> None:
     import json
-    from step_grpo import load_config
     cfg = load_config(args.config, overrides)
     methods = parse_methods(args.methods, list(cfg.experts))
     questions, root = load_eval_questions(cfg, args.split, args.benchmark, args.questions, args.image_root, args.limit)

@@ -11,6 +11,7 @@ The protocol is the one released with MoRE (arXiv 2505.22095): a plan step write
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from config import UserError, load_config
 from experts import read_image
 
 # ----------------------------------------------------------------------------------------------
@@ -199,30 +201,111 @@ def pick_device(name: str) -> torch.device:
 
 
 def resolve_model_path(cfg) -> str:
-    """Where the weights come from: the tiny model or a random preset are built locally first."""
+    """Where the weights come from: the tiny model or a random preset are built locally first.
+
+    Local paths are made absolute, so that a saved adapter names its base model from any directory.
+    """
     if cfg.model_name == "tiny":
-        return str(materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"{cfg.arch}-seed{cfg.seed}",
-                                            seed=cfg.seed))
-    if cfg.random_init:
-        return str(materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"{cfg.arch}-random",
-                                            seed=cfg.seed))
-    return cfg.model_name
+        path = materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"{cfg.arch}-seed{cfg.seed}", cfg.seed)
+    elif cfg.random_init:
+        path = materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"{cfg.arch}-random", cfg.seed)
+    else:
+        path = Path(cfg.model_name)
+        if not path.exists():
+            return cfg.model_name  # a hub id
+    return str(path.resolve())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints on disk: what a run folder's `latest` names, and a manifest of sha256 digests that
+# every checkpoint carries, so that a corrupted or foreign file is refused before it is read.
+
+MANIFEST = "manifest.json"
+CHECKPOINT_NAME = re.compile(r"step-\d{6}")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be trusted: the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: the sha256 of every other file in `folder`, by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    (folder / MANIFEST).write_text(json.dumps(digests, indent=1))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Refuse `folder` unless its files are exactly those of its manifest, byte for byte."""
+    try:
+        digests = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{folder / MANIFEST}: missing or unreadable; not a checkpoint of this code") from None
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for name in sorted(present | set(digests)):
+        if name not in digests:
+            raise CheckpointError(f"{folder / name}: not listed in the checkpoint's manifest (a foreign file)")
+        if name not in present:
+            raise CheckpointError(f"{folder / name}: listed in the checkpoint's manifest but missing")
+        if _sha256(folder / name) != digests[name]:
+            raise CheckpointError(f"{folder / name}: sha256 differs from the manifest (corrupted or changed)")
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint `out_dir/checkpoints/latest` names, refused unless it is a folder of that run."""
+    root = Path(out_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    folder = root / name
+    if not CHECKPOINT_NAME.fullmatch(name) or not folder.is_dir() or folder.resolve().parent != root.resolve():
+        raise CheckpointError(f"{pointer}: names {name[:80]!r}, which is not a checkpoint folder inside {root}")
+    return folder
 
 
 def find_adapter(path: str | Path) -> Path:
     """The LoRA adapter folder behind a path: the adapter itself, a checkpoint, or a run's out_dir.
 
     A run's out_dir resolves through checkpoints/latest, so `--checkpoint runs/train-tiny` works.
+    An adapter inside a checkpoint is verified against the checkpoint's manifest first.
     """
     path = Path(path)
     for candidate in (path, path / "adapter"):
         if (candidate / "adapter_config.json").exists():
+            if (candidate.parent / MANIFEST).exists():
+                verify_manifest(candidate.parent)
             return candidate
-    latest = path / "checkpoints" / "latest"
-    if latest.exists():
-        return find_adapter(path / "checkpoints" / latest.read_text().strip())
-    raise FileNotFoundError(f"no LoRA adapter at {path}: expected adapter_config.json in it or in {path}/adapter, "
-                            f"or a run folder with checkpoints/latest")
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return find_adapter(latest)
+    raise UserError(f"no LoRA adapter at {path}: expected adapter_config.json in it or in {path}/adapter, "
+                    f"or a run folder with checkpoints/latest")
+
+
+def keep_4bit_layers_trainable(model) -> None:
+    """Turn off bitsandbytes' CPU-packed inference format on every 4-bit layer.
+
+    On CPUs with AVX-512 BF16, bitsandbytes (0.50) repacks a Linear4bit's weights into an
+    inference-only layout the first time the layer runs in eval mode without grad, i.e. at our first
+    sampling call. That layout has no backward: training forwards afterwards either fail
+    ("a view of a leaf Variable … in-place operation") or give no gradient to the layers below
+    (measured here by forcing the flag on: half of the LoRA matrices got an all-zero gradient), and
+    it keeps absmax in bf16, so sampled log-probs drift from the training ones (up to 1.5e-3, where
+    Step-GRPO's ratio needs them equal). Converting back before every update would cost a repack per
+    layer per update for a faster sampler with the wrong numbers; switching it off costs nothing.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
@@ -242,6 +325,7 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path, quantization_config=quant, dtype=dtype, device_map={"": str(device)})
     model.requires_grad_(False)
+    keep_4bit_layers_trainable(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen embedding nothing upstream requires grad; without this the checkpointed
@@ -652,7 +736,6 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default=None, help="a trained adapter: a run folder, a checkpoint or an adapter folder")
     args, overrides = parser.parse_known_args(argv)
     from rollout import answer_question
-    from step_grpo import load_config
     answer_question(load_config(args.config, overrides), args.question, args.image, args.checkpoint)
 
 

@@ -303,10 +303,12 @@ def training_batch(policy: more.Policy, steps: list[Step], images: list[str | No
 # Traces
 
 
-def write_traces(path: str | Path, trajectories: list[Trajectory]) -> None:
+def write_traces(path: str | Path, trajectories: list[Trajectory], step: int | None = None) -> None:
+    """Append trajectories as JSON lines; `step` (the training update) lets a resume drop later rows."""
     with open(path, "a", encoding="utf-8") as f:
         for t in trajectories:
-            f.write(json.dumps(t.to_json(), ensure_ascii=False) + "\n")
+            row = t.to_json() if step is None else {"step": step, **t.to_json()}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def format_trace(t: Trajectory, max_hits: int = 3) -> str:

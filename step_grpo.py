@@ -8,6 +8,7 @@ checkpoints → the command. Formulas cite their sources; REFERENCE.md holds the
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -24,200 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------
-# Config: one flat dataclass, every field documented, loaded from JSON and overridable on the
-# command line (`--lr 1e-5`). Unknown keys and wrong types fail at start, naming the key.
-
-
-@dataclass
-class Config:
-    # --- the policy (more.py)
-    model_name: str = "tiny"
-    """'tiny' (built offline from the `arch` preset) or a hub id / local path of a Qwen2.5-VL checkpoint."""
-    random_init: bool = False
-    """Build the `arch` preset with random weights instead of loading `model_name` (memory benchmarks)."""
-    arch: str = "tiny"
-    """Architecture preset for 'tiny' and random_init: tiny, bench-standard, qwen2.5-vl-3b, qwen2.5-vl-7b."""
-    model_cache: str = "runs/models"
-    """Where the tiny / random-init model is written before being reloaded in 4-bit."""
-    load_in_4bit: bool = True
-    """Quantise the language model to NF4 (QLoRA). The vision tower and LM head stay in full precision."""
-    lora_r: int = 16
-    """LoRA rank on the language model's attention and MLP projections."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch; 0 keeps sampling-time and training-time log-probs identical."""
-    train_lm_head: bool = False
-    """Also train the LM head (a random tiny model needs it; real checkpoints do not)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more time."""
-    min_pixels: int = 3136
-    """Smallest image area after resizing (56x56); one image token per 28x28 pixels."""
-    max_pixels: int = 200704
-    """Largest image area after resizing (448x448 = 256 image tokens); caps image memory."""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu', or 'cuda:N'."""
-    seed: int = 0
-    """Seed for model init, data order and sampling."""
-
-    # --- sampling (more.py, rollout.py)
-    temperature: float = 1.0
-    """Sampling temperature; log-probs in the loss use the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 disables it."""
-    top_k: int = 0
-    """Top-k sampling; 0 disables it (transformers would otherwise default to 50)."""
-    max_new_tokens_plan: int = 96
-    """Token budget of a plan step (<think>, <sub-question>, <ret>)."""
-    max_new_tokens_answer: int = 96
-    """Token budget of a sub-answer or final-answer step."""
-    max_steps: int = 3
-    """Retrieval rounds before the final answer (the release: 3)."""
-    group_size: int = 4
-    """G: trajectories (online) or samples of a step (steps mode) per group."""
-
-    # --- retrieval experts (experts.py)
-    experts: list = field(default_factory=lambda: ["text", "image", "table"])
-    """Expert kinds the policy may call, in prompt order: any of text, image, table."""
-    world_dir: str = "runs/world"
-    """The embedded mini world (questions, corpora, indexes); built on first use when missing."""
-    index_dir: str = ""
-    """Folder with one built expert per kind (<index_dir>/text, …); empty means <world_dir>/indexes."""
-    text_encoder: str = "minilm"
-    """Text encoder: 'minilm' (offline, shipped in a wheel) or a transformers path/id such as BAAI/bge-m3."""
-    text_pooling: str = "mean"
-    """Pooling of the text encoder: 'mean' (MiniLM) or 'cls' (BGE)."""
-    image_encoder: str = "pixels"
-    """Image encoder: 'pixels' (offline, near-duplicate matching only) or a CLIP path/id."""
-    retrieve_k: int = 10
-    """Documents each expert retrieves per query (the release: 10)."""
-    show_k: int = 5
-    """Top documents shown to the policy in the sub-answer prompt (the release: 5)."""
-
-    # --- training (this file)
-    mode: str = "online"
-    """'online': G live trajectories per question (ours); 'steps': G samples of teacher-forced step prompts (the release)."""
-    steps_file: str = ""
-    """Step file for 'steps' mode and the warm start; empty means <world_dir>/steps_train.jsonl."""
-    train_steps: int = 100
-    """Optimiser updates of the GRPO phase (after the warm start)."""
-    questions_per_step: int = 4
-    """B: questions (online) or step prompts (steps mode) per update; each yields a group of G."""
-    lr: float = 1e-4
-    """Peak learning rate of the LoRA parameters."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up, in updates."""
-    lr_schedule: str = "constant"
-    """After warm-up: 'constant' or 'cosine' (to 0 at the last update)."""
-    optimizer: str = "adamw"
-    """'adamw' (torch) or 'paged_adamw_8bit' (bitsandbytes; GPU only)."""
-    micro_batch: int = 16
-    """Sequences per forward/backward; gradients of a whole update are accumulated across them."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm."""
-    clip_eps: float = 0.2
-    """PPO clip range epsilon (the release: 0.2)."""
-    beta: float = 0.04
-    """Weight of the k3 KL to the reference (adapter disabled); the release computed it but used 0."""
-    entropy_coef: float = 0.0
-    """Entropy bonus weight (the release: 1e-3)."""
-    aggregation: str = "token"
-    """Loss aggregation: 'token' (mean over all policy tokens) or 'sequence' (mean of per-sequence means)."""
-    w_route: float = 0.5
-    """Plan reward: weight of routing credit (exactly one expert, and it is in the hop's gold-expert set)."""
-    w_subq: float = 0.5
-    """Plan reward: weight of cosine similarity of the sub-question to the gold one."""
-    w_outcome: float = 1.0
-    """Online mode: weight of the normalised final-answer reward added to every step's advantage."""
-    sft_steps: int = 0
-    """Supervised warm-start updates on gold step completions before GRPO (for a policy that cannot yet write the protocol)."""
-    sft_lr: float = 1e-3
-    """Learning rate of the warm start."""
-    sft_batch: int = 16
-    """Gold step completions per warm-start update."""
-    out_dir: str = "runs/train"
-    """Where metrics.jsonl, traces.jsonl and checkpoints/ are written."""
-    save_every: int = 25
-    """Checkpoint every N updates (and at the end)."""
-    eval_every: int = 25
-    """Greedy evaluation on validation questions every N updates; 0 disables it."""
-    eval_questions: int = 21
-    """Validation questions per periodic evaluation."""
-    traces_per_step: int = 2
-    """Trajectories written to traces.jsonl per update."""
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line documentation, read from the docstring under it in this file."""
-        source = Path(__file__).read_text().split("class Config")[1].split("\n\n\n")[0]
-        return {name: doc for name, doc in re.findall(r'\n    (\w+): [^\n]+\n    """(.*?)"""', source)}
-
-
-
-CHOICES = {"mode": ("online", "steps"), "lr_schedule": ("constant", "cosine"), "aggregation": ("token", "sequence"),
-           "optimizer": ("adamw", "paged_adamw_8bit"), "text_pooling": ("mean", "cls")}
-
-
-def _coerce(name: str, value, kind):
-    """Check `value` against the field's annotated type; ints are accepted where floats are."""
-    origin = typing.get_origin(kind)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin in (list, dict):
-        if not isinstance(value, origin):
-            raise ValueError(f"config key {name!r} must be a {origin.__name__}, got {value!r}")
-        return value
-    if kind is bool and not isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"config key {name!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _parse_cli_value(text: str):
-    """A command-line value: JSON when it parses (numbers, true/false, lists), else a string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """A Config from a JSON file plus `--key value` overrides; fails naming any bad key or path."""
-    values = {}
-    if path is not None:
-        try:
-            values = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object")
-        values = {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys
-    overrides = list(overrides or [])
-    if len(overrides) % 2:
-        raise ValueError(f"overrides come in pairs `--key value`, got {overrides}")
-    for flag, text in zip(overrides[::2], overrides[1::2]):
-        if not flag.startswith("--"):
-            raise ValueError(f"expected `--key`, got {flag!r}")
-        values[flag[2:].replace("-", "_")] = _parse_cli_value(text)
-    hints = typing.get_type_hints(Config)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} in {path or 'overrides'}; "
-                         f"valid keys: {', '.join(sorted(hints))}")
-    checked = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
-    for name, allowed in CHOICES.items():
-        if name in checked and checked[name] not in allowed:
-            raise ValueError(f"config key {name!r} must be one of {allowed}, got {checked[name]!r}")
-    cfg = Config(**checked)
-    cfg.index_dir = cfg.index_dir or str(Path(cfg.world_dir) / "indexes")
-    return cfg
-
+import data
+import more
+import rollout
+from config import (Config, ConfigError, UserError, add_config_arguments, load_config, resume_differences,
+                    underscored, unknown_option)
+from eval import score
+from experts import EXPERT_NAMES, build_experts
+from rollout import StepPrompt
 
 # ----------------------------------------------------------------------------------------------
 # Rewards, step by step (REFERENCE.md, "Rewards"). Missing tags give 0.
@@ -229,7 +47,6 @@ def answer_reward(prediction: str, golds: list[str]) -> float:
     One gold of at most 5 words, or several golds: 1 when recall is 1, else 0 (the release).
     A single longer gold: the recall itself.
     """
-    from eval import score
     if not prediction or not golds:
         return 0.0
     recall = score(prediction, [str(g) for g in golds]).recall
@@ -405,8 +222,6 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
     exact and saves most of an update while a step kind has no reward signal (a zero-variance group).
     `clock` (a rollout.PhaseClock) is charged with each phase's time.
     """
-    import more
-    import rollout
     clock = clock or rollout.PhaseClock()
     samples = [s for s in samples if s.step.completion_ids]
     if not samples:
@@ -482,7 +297,6 @@ def gold_completion(sample) -> str:
 
 def step_prompt(sample):
     """(system, user text, image) of an official step; its image, if any, goes first."""
-    from rollout import StepPrompt
     text = "".join(p["text"] for p in sample.parts if p["type"] == "text")
     images = [p["image"] for p in sample.parts if p["type"] == "image"]
     return StepPrompt(sample.system, text, images[0] if images else None)
@@ -490,7 +304,6 @@ def step_prompt(sample):
 
 def sft_update(policy, optimizer, samples, cfg) -> float:
     """One supervised step on official steps (data.StepSample) and their gold completions."""
-    import more
     tok = policy.tokenizer
     prompts = [step_prompt(sample) for sample in samples]
     encoded = [more.encode_prompt(policy.processor, more.render_prompt(p.system, p.user, p.image is not None), p.image)
@@ -501,8 +314,6 @@ def sft_update(policy, optimizer, samples, cfg) -> float:
 
 def supervised_update(policy, optimizer, prompt_ids, target_ids, images, cfg) -> float:
     """Mean negative log-likelihood of the target tokens after their prompts; one optimiser step."""
-    import more
-    import rollout
     steps = [rollout.Step("sft", p, t, [], "", True) for p, t in zip(prompt_ids, target_ids)]
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -521,7 +332,6 @@ def supervised_update(policy, optimizer, prompt_ids, target_ids, images, cfg) ->
 
 def online_step(policy, experts, questions, similarity, cfg, rng_seed: int, clock=None):
     """G live trajectories per question → stepwise rewards → advantages (the samples of one update)."""
-    import rollout
     clock = clock or rollout.PhaseClock()
     torch.manual_seed(rng_seed)
     policy.model.eval()
@@ -547,7 +357,6 @@ def online_step(policy, experts, questions, similarity, cfg, rng_seed: int, cloc
 
 def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=None):
     """The release's method: G samples of each teacher-forced step prompt, rewarded against its gold."""
-    import rollout
     clock = clock or rollout.PhaseClock()
     torch.manual_seed(rng_seed)
     policy.model.eval()
@@ -594,8 +403,6 @@ def official_step_reward(gold, text: str, similarity, cfg) -> float:
     """The release's step rewards against a step file's gold: the plan's expert must be one of the
     gold names (a set, when data.py labelled it by asking every expert); the sub-question is scored
     by cosine similarity to the gold one."""
-    import more
-    from experts import EXPERT_NAMES
     if gold.kind == "plan":
         plan = more.parse_plan(text, list(EXPERT_NAMES.values()))
         if not plan.valid:
@@ -613,9 +420,14 @@ def official_step_reward(gold, text: str, similarity, cfg) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: adapter (safetensors) + optimizer + scheduler + RNG states + step + config, written to
-# a temporary folder and renamed into place; `latest` is replaced atomically after the rename.
-# A process killed at any moment leaves either the previous checkpoint or the new one, never half.
+# Checkpoints hold no pickle: the adapter and every tensor of the optimiser and RNG states in
+# safetensors, the rest (step, schedule, hyper-parameters, the config) in JSON, and a manifest with
+# each file's sha256 (more.write_manifest), checked before anything is read. A checkpoint is
+# written to a temporary folder and renamed into place; `latest` is replaced atomically after the
+# rename, and only then are old checkpoints pruned. A process killed at any moment leaves the
+# previous checkpoint or the new one, never half of one.
+
+TRAIN_CONFIG = "train_config.json"  # not config.json, which names a Hugging Face model config
 
 
 def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, step: int, cfg) -> Path:
@@ -624,16 +436,19 @@ def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, step: int, cfg)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     policy.model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
-               tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    policy.processor.save_pretrained(tmp / "adapter")  # so that the adapter loads from anywhere
+    tensors, values = training_state(optimizer, scheduler, step)
+    save_file(tensors, tmp / "training_state.safetensors")
+    (tmp / "training_state.json").write_text(json.dumps(values))
+    (tmp / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    more.write_manifest(tmp)
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
+    prune_checkpoints(root, cfg.keep_checkpoints)
     return final
 
 
@@ -644,20 +459,129 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / "checkpoints" / "latest"
-    return out_dir / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0 keeps all), never the one `latest` names.
+
+    A folder is renamed out of the step-N namespace before it is deleted, so a kill mid-delete
+    leaves a *.trash folder (removed next time), never a half-deleted checkpoint.
+    """
+    for trash in root.glob("*.trash"):
+        shutil.rmtree(trash, ignore_errors=True)
+    if not keep:
+        return
+    latest = more.latest_checkpoint(root.parent)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and more.CHECKPOINT_NAME.fullmatch(p.name))
+    for old in folders[:-keep]:
+        if old != latest:
+            trash = old.with_name(old.name + ".trash")
+            os.replace(old, trash)
+            shutil.rmtree(trash)
 
 
-def load_training_state(checkpoint: Path, optimizer, scheduler, restore_optimizer: bool = True) -> int:
-    state = torch.load(checkpoint / "state.pt", weights_only=False)  # our own file: RNG states are numpy objects
+def training_state(optimizer, scheduler, step: int) -> tuple[dict, dict]:
+    """The optimiser, scheduler and RNG states as (tensors for safetensors, values for JSON)."""
+    saved = optimizer.state_dict()
+    tensors, optimizer_values = {}, {}
+    for index, entries in saved["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous()
+            else:
+                optimizer_values[f"{index}.{name}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    return tensors, {"step": step, "param_groups": saved["param_groups"], "optimizer": optimizer_values,
+                     "scheduler": scheduler.state_dict(), "numpy_rng": [kind, position, has_gauss, gauss],
+                     "python_rng": [version, list(internal), gauss_next]}
+
+
+def read_training_state(checkpoint: Path) -> tuple[dict, dict]:
+    """(tensors, values) of a checkpoint whose manifest has been verified; refuses a malformed file."""
+    try:
+        tensors = load_file(checkpoint / "training_state.safetensors")
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise more.CheckpointError(f"{checkpoint / 'training_state.safetensors'}: not a valid safetensors file "
+                                   f"({err})") from None
+    try:
+        values = json.loads((checkpoint / "training_state.json").read_text())
+        values["step"], values["param_groups"], values["python_rng"]  # noqa: B018 - the keys must exist
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise more.CheckpointError(f"{checkpoint / 'training_state.json'}: unreadable ({err})") from None
+    return tensors, values
+
+
+def restore_training_state(checkpoint: Path, optimizer, scheduler, restore_optimizer: bool = True) -> int:
+    """Load optimiser, schedule and RNG states; returns the step the checkpoint was saved after."""
+    tensors, values = read_training_state(checkpoint)
     if restore_optimizer:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return state["step"]
+        state = defaultdict(dict)
+        for key, tensor in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state[int(index)][name] = tensor
+        for key, value in values["optimizer"].items():
+            index, name = key.split(".", 1)
+            state[int(index)][name] = value
+        optimizer.load_state_dict({"state": dict(state), "param_groups": values["param_groups"]})
+        scheduler.load_state_dict(values["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available() and "rng.cuda.0" in tensors:
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+    kind, position, has_gauss, gauss = values["numpy_rng"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = values["python_rng"]
+    random.setstate((version, tuple(internal), gauss_next))
+    return values["step"]
+
+
+def checkpoint_to_resume(cfg: Config, out_dir: Path) -> Path | None:
+    """The verified checkpoint a resumed run continues from, or None (killed before its first one).
+
+    Refuses a config that differs from the checkpoint's in a field that changes the model, the
+    data stream or the optimiser state (config.SAFE_ON_RESUME lists the others), naming each.
+    """
+    checkpoint = more.latest_checkpoint(out_dir)
+    if checkpoint is None:
+        print(f"--resume: no checkpoint in {out_dir / 'checkpoints'} yet; starting from update 0")
+        return None
+    more.verify_manifest(checkpoint)
+    try:
+        saved = json.loads((checkpoint / TRAIN_CONFIG).read_text())
+    except ValueError:
+        raise more.CheckpointError(f"{checkpoint / TRAIN_CONFIG}: not valid JSON") from None
+    refused, allowed = resume_differences(saved, cfg)
+    if refused:
+        raise ConfigError(f"--resume from {checkpoint} refused; these fields differ from the checkpoint's: "
+                          + "; ".join(refused))
+    for line in allowed:
+        print(f"--resume: {line} (allowed)")
+    return checkpoint
+
+
+def drop_rows_after(path: Path, last_step: int) -> int:
+    """Keep the JSONL rows of steps ≤ last_step (a killed run's later rows would repeat); atomic.
+
+    Returns how many rows were dropped; a torn last line from a kill is dropped too.
+    """
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if _row_step(line) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -728,8 +652,6 @@ def routing_stats(trajectories, hops_by_id: dict) -> dict:
 
 def evaluate(policy, experts, questions, cfg) -> dict:
     """Greedy rollouts on held-out questions: answer recall, routing accuracy, evidence found, valid plans."""
-    import rollout
-    from eval import score
     greedy = dataclasses.replace(cfg, temperature=0.0)
     policy.model.eval()
     trajectories = rollout.rollout(rollout.policy_sampler(policy, greedy), experts, questions, 1, cfg.max_steps,
@@ -741,81 +663,127 @@ def evaluate(policy, experts, questions, cfg) -> dict:
             "eval_valid_plans": float(np.mean([s.valid for s in plans])) if plans else 0.0}
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> Path:
-    """Warm start, then GRPO; `stop_after` ends (with a checkpoint) after that many updates in all."""
-    import data
-    import more
-    import rollout
-    from experts import build_experts
+@dataclass
+class Run:
+    """What one training run works with, loaded once."""
+    cfg: Config
+    out_dir: Path
+    policy: more.Policy
+    experts: list
+    similarity: SubQuestionSimilarity
+    step_samples: list  # data.StepSample: the warm start's and steps mode's prompts
+    questions: list  # data.Question: online mode's training questions
+    held_out: list  # data.Question: the periodic evaluation's validation questions
+
+
+def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
+    """Check the run folder before anything is written: (checkpoint to resume from, first step).
+
+    A new run refuses a folder that holds one; a resumed run drops the metric and trace rows
+    written after its checkpoint (a killed run wrote some), or starts over when it has none.
+    """
+    out_dir = Path(cfg.out_dir)
+    holds_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists()
+    if holds_run and not resume:
+        raise UserError(f"{out_dir} already holds a run: add --resume to continue it, or choose another out_dir")
+    if resume and not holds_run:
+        raise UserError(f"--resume: {out_dir} holds no run to resume")
+    checkpoint = checkpoint_to_resume(cfg, out_dir) if resume else None
+    start = read_training_state(checkpoint)[1]["step"] + 1 if checkpoint else 0
+    for name in ("metrics.jsonl", "traces.jsonl"):
+        dropped = drop_rows_after(out_dir / name, start - 1)
+        if dropped:
+            print(f"--resume: dropped {dropped} rows of {name} written after the checkpoint")
+    return checkpoint, start
+
+
+def load_run(cfg: Config, checkpoint: Path | None) -> Run:
+    """The world (built on first use), the policy (from the checkpoint's adapter), experts and data."""
+    data.ensure_world(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data.ensure_world(cfg)
-    checkpoint = latest_checkpoint(out_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
-    if not resume and (out_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"{out_dir} already holds a run; use --resume or another out_dir")
     torch.manual_seed(cfg.seed)
     policy = more.load_policy(cfg, adapter_dir=str(checkpoint / "adapter") if checkpoint else None)
     experts = build_experts(cfg)
-    similarity = SubQuestionSimilarity(experts[0].text_encoder)
+    world = Path(cfg.world_dir)
+    return Run(cfg, out_dir, policy, experts, SubQuestionSimilarity(experts[0].text_encoder),
+               data.load_step_file(cfg.steps_file or str(world / "steps_train.jsonl")),
+               data.load_questions(world / "questions_train.jsonl"),
+               data.load_questions(world / "questions_validation.jsonl")[:cfg.eval_questions])
+
+
+def update_row(run: Run, optimizer, step: int) -> dict:
+    """One update (warm start or GRPO) at `step`, and its metrics row."""
+    cfg, rng = run.cfg, random.Random(run.cfg.seed * 1_000_003 + step)
+    if step < cfg.sft_steps:
+        batch = rng.sample(run.step_samples, min(cfg.sft_batch, len(run.step_samples)))
+        return {"phase": "sft", "sft_loss": sft_update(run.policy, optimizer, batch, cfg)}
+    clock = rollout.PhaseClock(run.policy.device)
+    trajectories, samples, rewards, zero_std, update = grpo_step(
+        run.policy, optimizer, run.experts, run.similarity, run.questions, run.step_samples, cfg, rng,
+        cfg.seed + step, clock)
+    if trajectories and cfg.traces_per_step:
+        rollout.write_traces(run.out_dir / "traces.jsonl", trajectories[:cfg.traces_per_step], step)
+    hops_by_id = {q.qid: q.hops for q in run.questions}
+    return {"phase": "grpo", **update,
+            **step_metrics(rewards, samples, trajectories, hops_by_id, zero_std, clock.seconds["generation"],
+                           run.policy),
+            **{f"seconds_{name.replace(' ', '_')}": t for name, t in clock.seconds.items()}}
+
+
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Warm start, then GRPO; `stop_after` ends (with a checkpoint) after that many updates in all."""
+    checkpoint, start = prepare_run(cfg, resume)
+    run = load_run(cfg, checkpoint)
     total = cfg.sft_steps + cfg.train_steps
-    step_file = cfg.steps_file or str(Path(cfg.world_dir) / "steps_train.jsonl")
-    step_samples = data.load_step_file(step_file)
-    questions = data.load_questions(Path(cfg.world_dir) / "questions_train.jsonl")
-    held_out = data.load_questions(Path(cfg.world_dir) / "questions_validation.jsonl")[:cfg.eval_questions]
-    hops_by_id = {q.qid: q.hops for q in questions}
-    start = torch.load(checkpoint / "state.pt", weights_only=False)["step"] + 1 if checkpoint else 0
     phase = "sft" if start < cfg.sft_steps else "grpo"
-    optimizer, scheduler = make_optimizer(policy, cfg, phase)
+    optimizer, scheduler = make_optimizer(run.policy, cfg, phase)
     if checkpoint:  # at the warm-start/GRPO boundary the saved optimiser is the warm start's: not restored
         saved_phase = "sft" if start - 1 < cfg.sft_steps else "grpo"
-        load_training_state(checkpoint, optimizer, scheduler, restore_optimizer=saved_phase == phase)
+        restore_training_state(checkpoint, optimizer, scheduler, restore_optimizer=saved_phase == phase)
     bar = tqdm(range(start, total), desc="train", initial=start, total=total)
     for step in bar:
         if step == cfg.sft_steps and cfg.sft_steps and step != start:  # warm start over: a fresh optimiser
-            optimizer, scheduler = make_optimizer(policy, cfg, "grpo")
-        began, rng = time.perf_counter(), random.Random(cfg.seed * 1_000_003 + step)
-        if step < cfg.sft_steps:
-            loss = sft_update(policy, optimizer, rng.sample(step_samples, min(cfg.sft_batch, len(step_samples))), cfg)
-            row, trajectories = {"phase": "sft", "sft_loss": loss}, []
-        else:
-            clock = rollout.PhaseClock(policy.device)
-            trajectories, samples, rewards, zero_std, update = grpo_step(
-                policy, optimizer, experts, similarity, questions, step_samples, cfg, rng, cfg.seed + step, clock)
-            row = {"phase": "grpo", **update, **step_metrics(rewards, samples, trajectories, hops_by_id, zero_std,
-                                                             clock.seconds["generation"], policy),
-                   **{f"seconds_{name.replace(' ', '_')}": t for name, t in clock.seconds.items()}}
-            if trajectories and cfg.traces_per_step:
-                rollout.write_traces(out_dir / "traces.jsonl", trajectories[:cfg.traces_per_step])
+            optimizer, scheduler = make_optimizer(run.policy, cfg, "grpo")
+        t0 = time.perf_counter()
+        row = update_row(run, optimizer, step)
         scheduler.step()
-        row.update(step=step, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - began)
+        row.update(step=step, lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
         grpo_number = step - cfg.sft_steps + 1
         if cfg.eval_every and step >= cfg.sft_steps and (grpo_number % cfg.eval_every == 0 or step == total - 1):
-            row.update(evaluate(policy, experts, held_out, cfg))
-        with open(out_dir / "metrics.jsonl", "a") as f:
+            row.update(evaluate(run.policy, run.experts, run.held_out, cfg))
+        with open(run.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("sft_loss", "reward_final", "reward_plan", "kl") if k in row})
         stopping = stop_after is not None and step + 1 >= stop_after
         if (step + 1) % cfg.save_every == 0 or step == total - 1 or stopping:
-            save_checkpoint(out_dir, policy, optimizer, scheduler, step, cfg)
+            save_checkpoint(run.out_dir, run.policy, optimizer, scheduler, step, cfg)
         if stopping:
             break
-    return out_dir
+    return run.out_dir
 
 
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="Train MoRE with Step-GRPO.")
+    parser = argparse.ArgumentParser(description="Train MoRE with Step-GRPO. Every config key below can be "
+                                     "given on the command line (`--key value` or `--key=value`).",
+                                     usage="%(prog)s --config FILE [--resume] [--stop-after N] [--KEY VALUE ...]",
+                                     allow_abbrev=False)
     parser.add_argument("--config", required=True, help="a JSON config: tiny.json (CPU) or small.json (GPU)")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N updates in all")
-    args, overrides = parser.parse_known_args(argv)
+    add_config_arguments(parser)
+    args, unknown = parser.parse_known_args(underscored(list(sys.argv[1:] if argv is None else argv)))
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "stop_after")}
     try:
+        if unknown:
+            raise unknown_option(unknown[0])
         cfg = load_config(args.config, overrides)
-    except ValueError as err:
-        sys.exit(f"step_grpo.py: {err}")
-    out = train(cfg, resume=args.resume, stop_after=args.stop_after)
+        out = train(cfg, resume=args.resume, stop_after=args.stop_after)
+    except UserError as err:
+        if os.environ.get("MORE_TRACEBACK"):
+            raise
+        print(f"step_grpo.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
 
 

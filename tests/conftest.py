@@ -1,4 +1,5 @@
 """Shared fixtures: the tiny Qwen2.5-VL is built once per test session into a temporary cache."""
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture
 def tiny_cfg(model_cache):
-    from step_grpo import Config
+    from config import Config
     return Config(model_name="tiny", model_cache=model_cache, device="cpu")
 
 
@@ -28,8 +29,19 @@ def tiny_cfg(model_cache):
 def shared_policy(model_cache):
     """One loaded tiny policy for tests that only read it (never train it)."""
     from more import load_policy
-    from step_grpo import Config
+    from config import Config
     return load_policy(Config(model_name="tiny", model_cache=model_cache, device="cpu"))
+
+
+def run_config(tmp_path, world, model_cache, name, **overrides) -> Path:
+    """A config file for a short CPU run of the tiny model on the test world, in tmp_path/name."""
+    cfg = {"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world), "device": "cpu",
+           "sft_steps": 2, "train_steps": 2, "questions_per_step": 2, "group_size": 2, "sft_batch": 4,
+           "max_new_tokens_plan": 20, "max_new_tokens_answer": 12, "save_every": 100, "eval_every": 2,
+           "eval_questions": 2, "out_dir": str(tmp_path / name), "max_steps": 1, **overrides}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
 
 
 def random_image(seed: int, size=(56, 56)):

@@ -2,6 +2,7 @@
 import json
 
 import bench
+from config import load_config
 
 
 def test_training_breakdown_accounts_for_the_update(world, model_cache, tmp_path, capsys):
@@ -44,7 +45,7 @@ def test_weight_count_matches_the_unquantised_architecture(model_cache, tmp_path
     config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
                                   "load_in_4bit": True, "lora_r": 4, "train_lm_head": False}))
     result = bench.bench_weights(str(config), [], None)
-    path = more.resolve_model_path(step_grpo.load_config(str(config)))
+    path = more.resolve_model_path(load_config(str(config)))
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
     linear = [m for name, m in plain.named_modules()
               if isinstance(m, torch.nn.Linear) and "language_model" in name and name.split(".")[-1] in

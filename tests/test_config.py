@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from step_grpo import Config, load_config
+from config import Config, field_docs, load_config
 
 
 def test_every_field_has_a_doc_line():
     import dataclasses
-    docs = Config.field_docs()
+    docs = field_docs()
     assert {f.name for f in dataclasses.fields(Config)} == set(docs)
     assert all(docs.values())
 

@@ -129,7 +129,7 @@ def test_scoring_errors_name_the_line(tmp_path):
 # The loop evaluated: routing methods side by side on the mini world.
 
 import data  # noqa: E402
-from step_grpo import Config  # noqa: E402
+from config import Config  # noqa: E402
 
 
 def world_config(world, model_cache, **overrides):

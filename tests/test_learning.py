@@ -37,6 +37,7 @@ import data  # noqa: E402
 import more  # noqa: E402
 import rollout  # noqa: E402
 import step_grpo as sg  # noqa: E402
+from config import Config, load_config  # noqa: E402
 
 NAMES = ["Text Retriever", "Text Image Retriever", "Table Retriever"]
 KINDS = ["text", "image", "table"]
@@ -142,7 +143,7 @@ def learn(model_cache: str, max_warm_updates: int = 600, max_updates: int = 80, 
     accuracy on CUES reaches `target` (checked every 10 updates)."""
     settings = dict(group_size=8, questions_per_step=8, lr=2e-4, sft_lr=3e-3, beta=0.0,
                     micro_batch=64)
-    cfg = sg.Config(model_name="tiny", model_cache=model_cache, device="cpu", train_lm_head=True, seed=seed,
+    cfg = Config(model_name="tiny", model_cache=model_cache, device="cpu", train_lm_head=True, seed=seed,
                     **{**settings, **overrides})
     rng = random.Random(seed)
     policy = more.load_policy(cfg)
@@ -194,7 +195,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="runs/models")
     args, overrides = parser.parse_known_args()  # any Config field: --lr 1e-3 --group_size 16
-    checked = sg.load_config(None, overrides)
+    checked = load_config(None, overrides)
     changed = {name: getattr(checked, name) for name in (flag[2:].replace("-", "_") for flag in overrides[::2])}
     start = time.time()
     result = learn(args.cache, args.warm, args.updates, seed=args.seed, log=print, **changed)

@@ -129,7 +129,7 @@ def tiny_rollout(shared_policy, world, world_experts, tiny_cfg_module):
 
 @pytest.fixture(scope="module")
 def tiny_cfg_module(model_cache):
-    from step_grpo import Config
+    from config import Config
     return Config(model_name="tiny", model_cache=model_cache, device="cpu", max_new_tokens_plan=24,
                   max_new_tokens_answer=16)
 
@@ -164,7 +164,7 @@ def test_decoding_and_re_encoding_would_change_the_ids(shared_policy, tiny_rollo
 
 
 def test_batched_greedy_rollout_equals_one_question_at_a_time(shared_policy, world, world_experts, model_cache):
-    from step_grpo import Config
+    from config import Config
     cfg = Config(model_name="tiny", model_cache=model_cache, device="cpu", temperature=0.0,
                  max_new_tokens_plan=16, max_new_tokens_answer=12)
     pool = data.load_questions(world / "questions_train.jsonl")

@@ -1,16 +1,14 @@
 """Step-GRPO: the loss against hand-computed numbers, its direction, resume, and crash-safe checkpoints."""
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
+import more
 import step_grpo as sg
-from conftest import ROOT
+from config import Config, load_config
+from conftest import run_config
 
 # ------------------------------------------------------------------------------------- advantages
 
@@ -113,7 +111,7 @@ def test_plan_reward_rules():
     import rollout
     from experts import EXPERT_NAMES, TextEncoder
     similarity = sg.SubQuestionSimilarity(TextEncoder("minilm"))
-    cfg = sg.Config(w_route=0.5, w_subq=0.5)
+    cfg = Config(w_route=0.5, w_subq=0.5)
     hop = data.Hop("who founded Velora?", "Ada Brill", ["t1"], gold_experts=["text", "table"])
 
     def plan(sub_question: str, *experts: str, probe=None):
@@ -166,9 +164,9 @@ def sequence_logprobs(policy, steps):
 def test_one_update_raises_positive_and_lowers_negative_advantage_completions(policy_and_samples, tiny_cfg):
     policy, steps = policy_and_samples
     before = sequence_logprobs(policy, steps)
-    optimizer, _ = sg.make_optimizer(policy, sg.Config(lr=1e-2), "grpo")
+    optimizer, _ = sg.make_optimizer(policy, Config(lr=1e-2), "grpo")
     samples = [sg.Sample(s, None, a) for s, a in zip(steps, [1.0, 1.0, -1.0, -1.0])]
-    sg.policy_update(policy, optimizer, samples, sg.Config(beta=0.0, micro_batch=3))
+    sg.policy_update(policy, optimizer, samples, Config(beta=0.0, micro_batch=3))
     after = sequence_logprobs(policy, steps)
     assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
 
@@ -177,9 +175,9 @@ def test_zero_advantage_with_kl_moves_the_policy_back_toward_the_reference(polic
     import more
     import rollout
     policy, steps = policy_and_samples
-    optimizer, _ = sg.make_optimizer(policy, sg.Config(lr=2e-2), "grpo")
+    optimizer, _ = sg.make_optimizer(policy, Config(lr=2e-2), "grpo")
     for _ in range(3):  # move away from the reference first
-        sg.policy_update(policy, optimizer, [sg.Sample(s, None, 1.0) for s in steps], sg.Config(beta=0.0))
+        sg.policy_update(policy, optimizer, [sg.Sample(s, None, 1.0) for s in steps], Config(beta=0.0))
     inputs, mask = rollout.training_batch(policy, steps, [None] * len(steps))
 
     def kl_to_reference():
@@ -192,11 +190,11 @@ def test_zero_advantage_with_kl_moves_the_policy_back_toward_the_reference(polic
     assert before > 1e-3
     # A small step: AdamW's first step moves every parameter by ~lr whatever the gradient's size,
     # so a large lr can overshoot the minimum it is heading for.
-    optimizer, _ = sg.make_optimizer(policy, sg.Config(lr=1e-3), "grpo")
+    optimizer, _ = sg.make_optimizer(policy, Config(lr=1e-3), "grpo")
     current = [rollout.Step(s.kind, s.prompt_ids, s.completion_ids,
                             more.token_logprobs(policy, inputs, mask)[i][mask[i]].tolist(), s.text, True)
                for i, s in enumerate(steps)]
-    sg.policy_update(policy, optimizer, [sg.Sample(s, None, 0.0) for s in current], sg.Config(beta=1.0))
+    sg.policy_update(policy, optimizer, [sg.Sample(s, None, 0.0) for s in current], Config(beta=1.0))
     assert kl_to_reference() < before
 
 
@@ -207,7 +205,7 @@ def test_zero_advantage_samples_are_not_run_and_the_gradient_is_unchanged(policy
     import rollout
     policy, steps = policy_and_samples
     advantages = [1.0, 0.0, -1.0, 0.0]
-    cfg = sg.Config(beta=0.0, micro_batch=1, max_grad_norm=1e9)
+    cfg = Config(beta=0.0, micro_batch=1, max_grad_norm=1e9)
     optimizer = torch.optim.SGD(sg._trainable(policy), lr=0.0)  # keeps the gradients, moves nothing
     update = sg.policy_update(policy, optimizer, [sg.Sample(s, None, a) for s, a in zip(steps, advantages)], cfg)
     skipping = [p.grad.clone() for p in sg._trainable(policy)]
@@ -225,101 +223,12 @@ def test_zero_advantage_samples_are_not_run_and_the_gradient_is_unchanged(policy
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
-# ----------------------------------------------------------------------- the loop: resume and crashes
-
-
-def tiny_run_config(tmp_path, world, model_cache, name):
-    cfg = {"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world), "device": "cpu",
-           "sft_steps": 2, "train_steps": 2, "questions_per_step": 2, "group_size": 2, "sft_batch": 4,
-           "max_new_tokens_plan": 20, "max_new_tokens_answer": 12, "save_every": 100, "eval_every": 2,
-           "eval_questions": 2, "out_dir": str(tmp_path / name), "max_steps": 1}
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def adapter_tensors(run):
-    from safetensors.torch import load_file
-    checkpoint = sg.latest_checkpoint(run)
-    return load_file(checkpoint / "adapter" / "adapter_model.safetensors")
-
-
-def comparable(path):
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    timing = {"seconds", "tokens_per_s", "peak_memory_mb"}
-    return [{k: v for k, v in row.items() if k not in timing and not k.startswith("seconds_")} for row in rows]
-
-
-def test_four_steps_equal_two_plus_resume_plus_two(tmp_path, world, model_cache):
-    straight = tiny_run_config(tmp_path, world, model_cache, "straight")
-    sg.main(["--config", str(straight)])
-    halves = tiny_run_config(tmp_path, world, model_cache, "halves")
-    sg.main(["--config", str(halves), "--stop-after", "2"])
-    assert len((tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()) == 2
-    sg.main(["--config", str(halves), "--resume"])
-    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "halves")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert comparable(tmp_path / "straight" / "metrics.jsonl") == comparable(tmp_path / "halves" / "metrics.jsonl")
-    # and the update really changed the adapter away from its zero-initialised B
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
-
-
-def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, world, model_cache):
-    config = tiny_run_config(tmp_path, world, model_cache, "r")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        sg.main(["--config", str(config), "--resume"])
-
-
-CRASHER = """
-import sys, json, torch
-sys.path.insert(0, {root!r})
-import more, step_grpo as sg
-cfg = sg.load_config(None, ["--model_cache", {cache!r}, "--device", "cpu"])
-policy = more.load_policy(cfg)
-optimizer, scheduler = sg.make_optimizer(policy, cfg, "grpo")
-out = __import__("pathlib").Path({out!r})
-step = 0
-print("ready", flush=True)
-while True:
-    for p in sg._trainable(policy):
-        p.data.add_(0.01)
-    sg.save_checkpoint(out, policy, optimizer, scheduler, step, cfg)
-    step += 1
-"""
-
-
-def test_a_kill_during_checkpoint_writes_never_leaves_a_checkpoint_that_loads_wrong(tmp_path, model_cache):
-    import random
-    from peft import PeftModel
-    import more
-    out = tmp_path / "crash"
-    script = CRASHER.format(root=str(ROOT), cache=model_cache, out=str(out))
-    rng = random.Random(0)
-    for round_ in range(3):
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert child.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.3, 1.5))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        latest = sg.latest_checkpoint(out)
-        if latest is None:
-            continue
-        state = torch.load(latest / "state.pt", weights_only=False)
-        assert state["step"] == int(latest.name.split("-")[1])
-        cfg = sg.load_config(None, ["--model_cache", model_cache, "--device", "cpu"])
-        policy = more.load_policy(cfg, adapter_dir=str(latest / "adapter"))
-        assert isinstance(policy.model, PeftModel)
-    assert sg.latest_checkpoint(out) is not None
-
-
 def test_steps_mode_trains_on_a_step_file(tmp_path, world, model_cache):
     """The release's method: G samples of teacher-forced step prompts from an official-schema file."""
-    config = tiny_run_config(tmp_path, world, model_cache, "steps")
-    cfg = json.loads(config.read_text())
-    cfg.update(mode="steps", sft_steps=0, train_steps=1, eval_every=0, questions_per_step=3, group_size=2)
-    config.write_text(json.dumps(cfg))
+    config = run_config(tmp_path, world, model_cache, "steps", mode="steps", sft_steps=0, train_steps=1,
+                        eval_every=0, questions_per_step=3, group_size=2)
     sg.main(["--config", str(config)])
     row = json.loads((tmp_path / "steps" / "metrics.jsonl").read_text())
     assert row["phase"] == "grpo" and row["sampled_tokens"] > 0
     assert any(k.startswith("reward_") for k in row) and 0.0 <= row["zero_std_groups"] <= 1.0
-    assert sg.latest_checkpoint(tmp_path / "steps") is not None
+    assert more.latest_checkpoint(tmp_path / "steps") is not None
