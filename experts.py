@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,18 +75,28 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.dim = self.model.config.hidden_size
-        self.recent: dict[str, np.ndarray] = {}  # encode_queries' memory, cleared when full
+        self.recent: OrderedDict[str, np.ndarray] = OrderedDict()  # encode_queries' memory, least recent first
         self.recent_size = 4096
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        """`encode` with a memory of recent texts. The experts share one encoder, and the all-expert
-        probe sends every sub-question to each of them: this way each is encoded once, not thrice."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self.recent))
+        """`encode` with a memory of the most recently used texts (least recently used evicted).
+
+        The experts share one encoder, and the all-expert probe sends every sub-question to each of
+        them: this way each is encoded once, not thrice. The answer is built from this call's own
+        vectors, so evictions made to fit them cannot take away a text the call still needs.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        vectors = {t: self.recent[t] for t in texts if t in self.recent}
+        missing = list(dict.fromkeys(t for t in texts if t not in vectors))
         if missing:
-            if len(self.recent) + len(missing) > self.recent_size:
-                self.recent.clear()
-            self.recent.update(zip(missing, self.encode(missing)))
-        return np.stack([self.recent[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+            vectors.update(zip(missing, self.encode(missing)))
+        for text in dict.fromkeys(texts):
+            self.recent[text] = vectors[text]
+            self.recent.move_to_end(text)
+        while len(self.recent) > self.recent_size:
+            self.recent.popitem(last=False)
+        return np.stack([vectors[t] for t in texts])
 
     @torch.no_grad()
     def encode(self, texts: list[str], progress: str | None = None) -> np.ndarray:

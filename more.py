@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -445,10 +447,62 @@ class Answer:
     answer: str = ""
 
 
-def _tag(text: str, name: str) -> str | None:
-    """Content of the first <name>…</name> (case-insensitive), stripped; None when absent."""
-    m = re.search(rf"<{name}>(.*?)</{name}>", text, flags=re.S | re.I)
-    return m.group(1).strip() if m else None
+# The protocol as a grammar. A plan is exactly
+#     <think>T</think> <sub-question>S</sub-question> <ret>R</ret>
+# and a sub-answer or final answer exactly <think>T</think> <answer>A</answer>: each tag once and in
+# that order, only whitespace around the tags, no protocol tag inside a field, and every field
+# non-empty once whitespace, control and format (zero-width) characters are removed; those are also
+# removed from what is kept. Tags match case-insensitively (the release lower-cases the whole output
+# before parsing); contents keep their case. One pass over the tags: linear in the text's length.
+# The release searches each tag anywhere in the text and takes the first match. That is looser:
+# text around the tags, repeated or reordered tags, a tag inside another field (a <ret> inside
+# <think> decided the routing) and empty fields were all accepted. Here they are not, so that what
+# a reward credits is exactly the protocol. Nothing the release rejects is accepted here.
+
+PROTOCOL_TAG = re.compile(r"</?(?:think|sub-question|ret|answer)>", re.I)
+
+
+def _invisible_characters() -> re.Pattern:
+    """A character class of Unicode's control (Cc) and format (Cf) characters, but newline and tab.
+
+    Cf holds the zero-width space, joiners, BOM and bidi marks; every one lies in the planes scanned.
+    """
+    planes = itertools.chain(range(0x20000), range(0xE0000, 0xE1000))
+    points = [p for p in planes if unicodedata.category(chr(p)) in ("Cc", "Cf") and chr(p) not in "\n\t"]
+    runs = [list(g) for _, g in itertools.groupby(points, key=lambda p, c=itertools.count(): p - next(c))]
+    return re.compile("[" + "".join(f"{re.escape(chr(r[0]))}-{re.escape(chr(r[-1]))}" for r in runs) + "]")
+
+
+INVISIBLE = _invisible_characters()
+
+
+def _visible(text: str) -> str:
+    """`text` without control and format characters (NUL, zero-width space, BOM, …)."""
+    if text.replace("\n", "").replace("\t", "").isprintable():  # none there: the common case, 20x faster
+        return text
+    return INVISIBLE.sub("", text)
+
+
+def protocol_fields(text: str, names: tuple[str, ...]) -> tuple[list[str] | None, str]:
+    """The contents of tags `names`, in that order, or (None, why the text breaks the grammar)."""
+    text = _visible(text)  # first, so that no tag hides behind a zero-width character
+    expected = [f"{edge}{name}>" for name in names for edge in ("<", "</")]
+    found = list(itertools.islice(PROTOCOL_TAG.finditer(text), len(expected) + 1))
+    written = [m.group(0).lower() for m in found]
+    if written != expected:
+        absent = [tag for tag in expected if tag not in written]
+        if absent and len(written) <= len(expected):
+            return None, "missing " + ", ".join(absent)
+        return None, f"tags must be {''.join(expected)}, each once, in order; got {''.join(written)[:120]}"
+    outside = [text[:found[0].start()], text[found[-1].end():]] + \
+        [text[found[i].end():found[i + 1].start()] for i in range(1, len(found) - 1, 2)]
+    if any(piece.strip() for piece in outside):
+        return None, "text outside the protocol tags"
+    contents = [text[found[i].end():found[i + 1].start()].strip() for i in range(0, len(found), 2)]
+    empty = [f"<{name}>" for name, content in zip(names, contents) if not content]
+    if empty:
+        return None, "empty " + ", ".join(empty)
+    return contents, ""
 
 
 def _is_none(value: str) -> bool:
@@ -456,45 +510,39 @@ def _is_none(value: str) -> bool:
 
 
 def parse_plan(text: str, expert_names) -> Plan:
-    """Parse `<think>…</think><sub-question>…</sub-question><ret>…</ret>`.
+    """Parse `<think>…</think><sub-question>…</sub-question><ret>…</ret>` (the grammar above).
 
-    Tags are matched case-insensitively (the release lower-cases the whole output); content keeps
-    its case. `ret` may name several experts separated by commas; all must be known names.
+    `ret` may name several experts separated by commas (the release queries them all; rewards
+    credit only a single right one); every name must be a configured expert.
     """
     if not isinstance(text, str):
         return Plan(False, f"output is {type(text).__name__}, not text")
-    fields = {name: _tag(text, name) for name in ("think", "sub-question", "ret")}
-    missing = [name for name, value in fields.items() if value is None]
-    if missing:
-        return Plan(False, "missing " + ", ".join(f"<{m}>" for m in missing))
-    thought, sub_question, ret = fields["think"], fields["sub-question"], fields["ret"]
+    fields, reason = protocol_fields(text, ("think", "sub-question", "ret"))
+    if fields is None:
+        return Plan(False, reason)
+    thought, sub_question, ret = fields
     if _is_none(sub_question) and _is_none(ret):
         return Plan(True, thought=thought, stop=True)
     if _is_none(sub_question) or _is_none(ret):
         return Plan(False, "sub-question and ret must both be None to stop", thought=thought)
-    if not sub_question:
-        return Plan(False, "empty sub-question", thought=thought)
     known = {name.lower(): name for name in expert_names}
-    written = [part.strip() for part in ret.split(",") if part.strip()]
+    written = [part.strip() for part in ret.split(",")]
     unknown = [name for name in written if name.lower() not in known]
-    if not written or unknown:
-        return Plan(False, f"unknown expert(s) {unknown or [ret]}; known: {list(expert_names)}",
+    if unknown:
+        return Plan(False, f"unknown expert(s) {unknown}; known: {list(expert_names)}",
                     thought=thought, sub_question=sub_question)
     experts = list(dict.fromkeys(known[name.lower()] for name in written))
     return Plan(True, thought=thought, sub_question=sub_question, experts=experts)
 
 
 def parse_answer(text: str) -> Answer:
-    """Parse `<think>…</think><answer>…</answer>`; an empty answer is invalid."""
+    """Parse `<think>…</think><answer>…</answer>` (the grammar above)."""
     if not isinstance(text, str):
         return Answer(False, f"output is {type(text).__name__}, not text")
-    thought, answer = _tag(text, "think"), _tag(text, "answer")
-    missing = [n for n, v in (("<think>", thought), ("<answer>", answer)) if v is None]
-    if missing:
-        return Answer(False, "missing " + ", ".join(missing))
-    if not answer:
-        return Answer(False, "empty answer", thought=thought)
-    return Answer(True, thought=thought, answer=answer)
+    fields, reason = protocol_fields(text, ("think", "answer"))
+    if fields is None:
+        return Answer(False, reason)
+    return Answer(True, thought=fields[0], answer=fields[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -103,10 +103,28 @@ def test_query_memory_returns_what_encoding_returns_and_encodes_each_text_once(e
         del encoder.encode  # back to the method
     assert calls == [texts[:2]]  # one pass, duplicates and repeats not re-encoded
     assert np.allclose(first, encode(texts), atol=1e-5) and np.array_equal(again, first[:2])
-    encoder.recent_size = 2  # full: the memory starts over rather than growing
+    encoder.recent_size = 2  # full: the least recently used text goes
     encoder.encode_queries(["a new text"])
-    assert list(encoder.recent) == ["a new text"]
+    assert list(encoder.recent) == ["population of Arlen", "a new text"]
     encoder.recent_size = 4096
+
+
+def test_query_memory_past_capacity_keeps_what_the_call_needs(encoder):
+    """The memory filled in the middle of a call used to drop texts the call still needed
+    (a KeyError; in a rollout an expert call with no passages). Reproduced at capacity 8 instead of
+    4,096: fill the memory with 8 distinct queries, then ask for one of them and a new one."""
+    from step_grpo import SubQuestionSimilarity
+    encoder.recent.clear()
+    encoder.recent_size = 8
+    try:
+        encoder.encode_queries([f"sub-question {i}" for i in range(8)])
+        similarity = SubQuestionSimilarity(encoder)("sub-question 0", "new")
+        assert len(encoder.recent) == 8 and list(encoder.recent)[-2:] == ["sub-question 0", "new"]
+        many = [f"query {i}" for i in range(20)]  # one call larger than the whole memory
+        assert np.allclose(encoder.encode_queries(many), encoder.encode(many), atol=1e-5)
+    finally:
+        encoder.recent_size = 4096
+    assert np.isclose(similarity, float(np.dot(*encoder.encode(["sub-question 0", "new"]))), atol=1e-5)
 
 
 def test_save_load_gives_identical_results_and_restores_ef(text_expert, encoder, tmp_path):

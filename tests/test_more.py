@@ -201,9 +201,9 @@ def test_parse_plan_unknown_expert_is_invalid_and_named():
     assert not plan.valid and "Web Search" in plan.reason
 
 
-def test_parse_plan_several_experts_mixed_case_and_extra_text():
-    text = ("Sure! <THINK> two sources </think>\n<Sub-Question> How tall is Y? </sub-question> blah "
-            "<ret> table retriever, TEXT RETRIEVER, Table Retriever </RET> trailing")
+def test_parse_plan_several_experts_mixed_case_and_whitespace():
+    text = ("\n <THINK> two sources </think>\n<Sub-Question> How tall is Y? </sub-question>  "
+            "<ret> table retriever, TEXT RETRIEVER, Table Retriever </RET>\n")
     plan = more.parse_plan(text, NAMES)
     assert plan.valid and plan.experts == ["Table Retriever", "Text Retriever"]
     assert plan.sub_question == "How tall is Y?"
@@ -227,8 +227,9 @@ def test_parse_answer_cases():
     assert good.valid and good.answer == "9 December 1899"
     assert "<answer>" in more.parse_answer("<think>t</think> 1899").reason
     assert "<think>" in more.parse_answer("<answer>1899</answer>").reason
-    assert more.parse_answer("<think>t</think><answer>  </answer>").reason == "empty answer"
-    assert more.parse_answer("noise <THINK>a</THINK> x <ANSWER>B</ANSWER> y").answer == "B"
+    assert more.parse_answer("<think>t</think><answer>  </answer>").reason == "empty <answer>"
+    assert more.parse_answer(" <THINK>a</THINK>\n<ANSWER>B</ANSWER> ").answer == "B"
+    assert more.parse_answer("noise <think>a</think><answer>B</answer>").reason == "text outside the protocol tags"
 
 
 def test_parsers_never_raise_on_random_text():
