@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 import experts
-from config import Config, load_config
+from config import Config, load_config, run_command
 
 # ----------------------------------------------------------------------------------------------
 # Experts: build time, queries/s and recall@10 of hnswlib against exact search, on real embeddings.
@@ -432,6 +432,13 @@ def main(argv=None):
     if overrides and (what in ("experts", "rollout") or args.workload == "standard"):
         parser.error(f"unrecognised arguments: {' '.join(overrides)}")
     print("command: python bench.py " + " ".join(argv))
+    result = run_command("bench.py", lambda: run_benchmark(what, args, overrides))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def run_benchmark(what: str, args, overrides: list[str]) -> dict:
+    """Run and print one benchmark; returns its figures."""
     if what == "experts":
         result = bench_experts(Path(args.data), args.queries)
         print_experts(result)
@@ -451,8 +458,7 @@ def main(argv=None):
     else:
         result = bench_training(args.config, overrides, args.steps, args.random_init, args.checkpoint)
         print_training(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import difflib
 import inspect
 import json
 import math
+import os
 import re
+import sys
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -195,6 +197,22 @@ SAFE_ON_RESUME = ("train_steps", "save_every", "eval_every", "eval_questions", "
 class UserError(ValueError):
     """A mistake in what the user gave (a file, a value, a folder): commands print its message as
     one line and exit with status 2; a traceback is kept for bugs."""
+
+
+def run_command(prog: str, body):
+    """Run a command's `body()`; a user's mistake becomes one line on stderr and exit status 2.
+
+    A UserError, or an OSError about a path the user gave (missing, a folder, unreadable), is for
+    the user to fix: it is printed without a traceback, and nothing more runs. Anything else is a
+    bug and keeps its traceback. MORE_TRACEBACK=1 shows the traceback of user errors too.
+    """
+    try:
+        return body()
+    except (UserError, OSError) as err:
+        if os.environ.get("MORE_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 class ConfigError(UserError):

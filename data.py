@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from config import UserError
+from config import UserError, run_command
 from experts import EXPERT_NAMES, read_jsonl
 
 # ----------------------------------------------------------------------------------------------
@@ -80,9 +80,9 @@ BENCHMARKS = {  # name as in the official code: (file, id field or None, answer 
 
 def _require(row: dict, name: str, kind, where: str):
     if name not in row:
-        raise ValueError(f"{where}: missing field {name!r}")
+        raise UserError(f"{where}: missing field {name!r}")
     if not isinstance(row[name], kind):
-        raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {type(row[name]).__name__}")
+        raise UserError(f"{where}: field {name!r} must be {kind.__name__}, got {type(row[name]).__name__}")
     return row[name]
 
 
@@ -92,7 +92,7 @@ def load_benchmark(name: str, path: str | Path, image_root: str | Path | None = 
     Images are `image_root/<image_id>.jpg` and must exist when `image_root` is given.
     """
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown dataset {name!r}; known: {', '.join(BENCHMARKS)}")
     _, id_field, answer_kind, has_image = BENCHMARKS[name]
     questions = []
     for line, row in enumerate(read_jsonl(path), start=1):
@@ -106,7 +106,7 @@ def load_benchmark(name: str, path: str | Path, image_root: str | Path | None = 
             image_id = _require(row, "image_id", (str, int), where)
             image = str(Path(image_root) / f"{image_id}.jpg")
             if not Path(image).exists():
-                raise ValueError(f"{where}: field 'image_id': image file {image} not found")
+                raise UserError(f"{where}: field 'image_id': image file {image} not found")
         answer_eval = _require(row, "answer_eval", list, where) if name == "infoseek" else None
         questions.append(Question(name, qid, text, answers, image, answer_eval))
     return questions
@@ -130,18 +130,18 @@ def load_step_file(path: str | Path) -> list[StepSample]:
         for number, step in enumerate(steps):
             at = f"{where} step {number}"
             if not isinstance(step, dict):
-                raise ValueError(f"{at}: a step must be an object")
+                raise UserError(f"{at}: a step must be an object")
             step_type = _require(step, "step_type", str, at)
             if step_type not in STEP_KINDS:
-                raise ValueError(f"{at}: field 'step_type' must be 'ret' or 'ans', got {step_type!r}")
+                raise UserError(f"{at}: field 'step_type' must be 'ret' or 'ans', got {step_type!r}")
             kind = STEP_KINDS[step_type]
             gold = step.get("answer")
             if kind == "plan" and not (isinstance(gold, dict) and {"query", "retriever"} <= set(gold)):
-                raise ValueError(f"{at}: field 'answer' of a ret step must be {{'query', 'retriever'}}")
+                raise UserError(f"{at}: field 'answer' of a ret step must be {{'query', 'retriever'}}")
             if kind == "answer" and isinstance(gold, list):
                 kind = "final"
             elif kind == "answer" and not isinstance(gold, str):
-                raise ValueError(f"{at}: field 'answer' of an ans step must be a string or a list")
+                raise UserError(f"{at}: field 'answer' of an ans step must be a string or a list")
             parts = _split_images(_require(step, "problem", str, at), images, at, Path(path).parent)
             samples.append(StepSample(kind, _require(step, "system", str, at), parts, gold, line - 1))
     return samples
@@ -150,7 +150,7 @@ def load_step_file(path: str | Path) -> list[StepSample]:
 def _split_images(problem: str, images: list, where: str, folder: Path) -> list[dict]:
     pieces = problem.split("<image>")
     if len(pieces) - 1 > len(images):
-        raise ValueError(f"{where}: field 'problem' has {len(pieces) - 1} <image> but 'images' has {len(images)}")
+        raise UserError(f"{where}: field 'problem' has {len(pieces) - 1} <image> but 'images' has {len(images)}")
     parts = []
     for k, piece in enumerate(pieces):
         if k:
@@ -283,7 +283,7 @@ def make_question(kind: str, qid: str, towns: list[Town], people: dict, rng: ran
         question = f"Which town had more people in 2020, {t.name} or {u.name}?"
         answer = max((t, u), key=lambda x: x.population[2020]).name
     else:
-        raise ValueError(f"unknown question kind {kind!r}; kinds: {QUESTION_KINDS}")
+        raise UserError(f"unknown question kind {kind!r}; kinds: {QUESTION_KINDS}")
     image = f"images/q-{qid}.png" if kind.startswith("image") else None
     return Question("mini_world", qid, question, [answer], image, kind=kind, hops=hops)
 
@@ -397,7 +397,7 @@ def question_from_row(row: dict, where: str) -> Question:
         hops = [Hop(**h) for h in row.get("hops", [])]
         return Question(**{**row, "hops": hops})
     except TypeError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise UserError(f"{where}: {err}") from None
 
 
 def load_questions(path: str | Path) -> list[Question]:
@@ -450,7 +450,7 @@ def ensure_world(cfg) -> None:
     if all((index_dir / kind / "expert.json").exists() for kind in cfg.experts):
         return
     if index_dir != Path(cfg.world_dir) / "indexes":
-        raise FileNotFoundError(f"no expert indexes at {index_dir} (expected {', '.join(cfg.experts)}); "
+        raise UserError(f"no expert indexes at {index_dir} (expected {', '.join(cfg.experts)}); "
                                 f"build them with `python experts.py build` or point index_dir elsewhere")
     world = Path(cfg.world_dir)
     if world.exists():
@@ -487,7 +487,7 @@ def inspect(path: str) -> str:
         labels = Counter(",".join(h.gold_experts) or "(none)" for q in questions for h in q.hops)
         return (f"mini-world questions: {len(questions)}, kinds {dict(Counter(q.kind for q in questions))}, "
                 f"gold experts per hop {dict(labels)}")
-    raise ValueError(f"{path}: not a benchmark, step or question file this project knows")
+    raise UserError(f"{path}: not a benchmark, step or question file this project knows")
 
 
 def main(argv=None):
@@ -502,9 +502,9 @@ def main(argv=None):
     look.add_argument("file")
     args = parser.parse_args(argv)
     if args.command == "world":
-        build_world(Path(args.out), args.seed, args.towns, args.per_kind)
+        run_command("data.py world", lambda: build_world(Path(args.out), args.seed, args.towns, args.per_kind))
     else:
-        print(inspect(args.file))
+        print(run_command("data.py inspect", lambda: inspect(args.file)))
 
 
 if __name__ == "__main__":

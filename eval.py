@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import math
 import re
 import sys
 from collections import Counter
@@ -23,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from nltk.tokenize import word_tokenize
 
-from config import load_config
+from config import UserError, load_config, run_command
+from experts import read_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # Normalisation. Every quirk below is the reference behaviour, kept on purpose.
@@ -134,27 +137,78 @@ def score(prediction: str, golds: list[str]) -> Score:
 
 
 def infoseek_range_golds(low: float, high: float) -> list[str]:
-    """InfoSeek numeric answers: a grid over [low, high] plus every integer in it (REFERENCE.md)."""
-    span = high - low
-    step = 1 if span >= 50 else 0.1 if span >= 5 else 0.01 if span >= 1 else 0.001
+    """InfoSeek numeric answers: a grid over [low, high] plus every integer in it (the release's rule).
+
+    Its length grows with the range's width; scoring uses `range_golds_near`, which gives the same
+    scores in time independent of the width. This one is the reference the tests compare it with.
+    """
+    step = _grid_step(low, high)
     grid = [str(round(v, 3)) for v in np.arange(low, high + step, step)]
     return grid + [str(i) for i in range(int(low), int(high) + 1)]
 
 
-def golds_of(dataset: str, row: dict, where: str = "") -> list[str]:
-    """The gold list the official scorer uses for a benchmark row."""
+def _grid_step(low: float, high: float) -> float:
+    span = high - low
+    return 1 if span >= 50 else 0.1 if span >= 5 else 0.01 if span >= 1 else 0.001
+
+
+def range_golds_near(low: float, high: float, prediction: str) -> list[str]:
+    """The golds of `infoseek_range_golds(low, high)` that share a token with `prediction`, in order.
+
+    A gold sharing no token with the prediction has F1 0 and can be neither the best-F1 gold nor an
+    exact match, so leaving it out changes no score. A grid or integer gold's only token is its
+    number without sign (normalisation turns '-' into a space), so each number the prediction holds
+    names its candidates directly: grid index round((±x − low) / Δ) ± 1, and the integer ±x.
+    The grid is rebuilt as numpy's arange fills it: v0 = low, v1 = low + step, v_i = low + i·(v1 − v0).
+    """
+    step = _grid_step(low, high)
+    count, delta = max(0, math.ceil((high + step - low) / step)), (low + step) - low
+    value = lambda i: low if i == 0 else low + step if i == 1 else low + i * delta
+    grid, integers = set(), set()
+    for token in tokens(prediction):
+        try:
+            x = float(token)
+        except ValueError:
+            continue
+        for signed in {x, -x} if math.isfinite(x) else ():
+            centre = (signed - low) / delta
+            grid.update(i for i in range(math.floor(centre) - 1, math.ceil(centre) + 2) if 0 <= i < count)
+            if token.isdigit() and int(low) <= int(signed) <= int(high):
+                integers.add(int(signed))
+    return [str(round(value(i), 3)) for i in sorted(grid)] + [str(i) for i in sorted(integers)]
+
+
+def infoseek_range(item, where: str) -> tuple[float, float]:
+    """An answer_eval range [low, high]: two finite numbers, low ≤ high, of a size a float prints plainly."""
+    bounds = item.get("range")
+    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)):
+        raise UserError(f"{where}: field 'answer_eval' range {str(bounds)[:60]} must be [low, high], two numbers")
+    low, high = bounds
+    if low > high or max(abs(low), abs(high)) >= 1e15:
+        raise UserError(f"{where}: field 'answer_eval' range {bounds} must have low <= high, both below 1e15")
+    return float(low), float(high)
+
+
+def golds_of(dataset: str, row: dict, where: str = "", prediction: str | None = None) -> list[str]:
+    """The gold list the official scorer uses for a benchmark row.
+
+    With `prediction`, InfoSeek's numeric ranges give only the golds that can score it (see
+    range_golds_near); without, the whole grid.
+    """
     if dataset not in DATASET_GOLDS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_GOLDS)}")
+        raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_GOLDS)}")
     field = DATASET_GOLDS[dataset]
     if field not in row:
-        raise ValueError(f"{where}: missing field {field!r}")
+        raise UserError(f"{where}: missing field {field!r}")
     value = row[field]
     if dataset != "infoseek":
         return value if isinstance(value, list) else [value]
     golds = []
-    for item in value:
+    for item in value if isinstance(value, list) else [value]:
         if isinstance(item, dict) and "range" in item:
-            golds += infoseek_range_golds(*item["range"])
+            low, high = infoseek_range(item, where)
+            golds += infoseek_range_golds(low, high) if prediction is None else range_golds_near(low, high, prediction)
         else:
             golds.append(str(item))
     return golds
@@ -170,16 +224,16 @@ DATASET_GOLDS = {"2wikimultihopqa": "answer", "dyn_vqa": "answer", "infoseek": "
 def prediction_of(row: dict, where: str) -> str:
     """`llm_answer` as a string or as {"answer": …}."""
     if "llm_answer" not in row:
-        raise ValueError(f"{where}: missing field 'llm_answer'")
+        raise UserError(f"{where}: missing field 'llm_answer'")
     answer = row["llm_answer"]
     if isinstance(answer, dict):
         if "answer" not in answer:
-            raise ValueError(f"{where}: field 'llm_answer' is an object without 'answer'")
+            raise UserError(f"{where}: field 'llm_answer' is an object without 'answer'")
         answer = answer["answer"]
     if answer is None:
         return ""
     if not isinstance(answer, str):
-        raise ValueError(f"{where}: field 'llm_answer' must be a string or {{'answer': string}}")
+        raise UserError(f"{where}: field 'llm_answer' must be a string or {{'answer': string}}")
     return answer
 
 
@@ -188,18 +242,47 @@ def mean_scores(scores: list[Score]) -> dict[str, float]:
             for name in ("recall", "f1", "exact", "accuracy")}
 
 
-def score_file(dataset: str, path: str | Path) -> dict[str, float]:
-    from experts import read_jsonl
+# The release's validation files: their question counts, and how many of their rows repeat an
+# earlier row's question (openwikitqa_val.jsonl holds 10 rows twice, answers and all).
+OFFICIAL_QUESTIONS = {"2wikimultihopqa": 3000, "dyn_vqa": 715, "infoseek": 1000, "openwikitqa": 2999,
+                      "tabfact": 1000, "webqa": 1000}
+OFFICIAL_REPEATS = {"openwikitqa": 10}
+ID_FIELDS = {"dyn_vqa": "question_id", "infoseek": "data_id"}
+
+
+def check_prediction_rows(dataset: str, rows: list[dict], path, subset: bool) -> None:
+    """Each question scored once, and all of the release's questions unless `subset` says otherwise."""
+    first_line, repeats = {}, []
+    for line, row in enumerate(rows, start=1):
+        key = row.get(ID_FIELDS[dataset]) if dataset in ID_FIELDS else \
+            (row.get("question"), row.get("image_id"), row.get(DATASET_GOLDS[dataset]))
+        key = json.dumps(key, sort_keys=True, default=str)
+        if key in first_line:
+            repeats.append((line, first_line[key]))
+        first_line.setdefault(key, line)
+    if len(repeats) > OFFICIAL_REPEATS.get(dataset, 0):
+        line, first = repeats[OFFICIAL_REPEATS.get(dataset, 0)]
+        raise UserError(f"{path}:{line}: repeats the question of line {first} ({len(repeats)} repeated rows, the "
+                        f"release's file has {OFFICIAL_REPEATS.get(dataset, 0)}); each question is scored once")
+    if len(rows) != OFFICIAL_QUESTIONS[dataset] and not subset:
+        raise UserError(f"{path}: {len(rows)} predictions for the {OFFICIAL_QUESTIONS[dataset]} questions of the "
+                        f"release's {dataset} file; add --subset to score part of it on purpose")
+
+
+def score_file(dataset: str, path: str | Path, subset: bool = False) -> dict[str, float]:
+    """Mean scores of an official-format predictions file (each row: the benchmark row + llm_answer)."""
     if dataset not in DATASET_GOLDS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_GOLDS)}")
+        raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_GOLDS)}")
     rows = read_jsonl(path)
     if not rows:
-        raise ValueError(f"{path}: no predictions (the file is empty)")
+        raise UserError(f"{path}: no predictions (the file is empty)")
+    check_prediction_rows(dataset, rows, path, subset)
     scores = []
     for line, row in enumerate(rows, start=1):
         where = f"{path}:{line}"
-        scores.append(score(prediction_of(row, where), golds_of(dataset, row, where)))
-    return dict(mean_scores(scores), n=len(scores))
+        prediction = prediction_of(row, where)
+        scores.append(score(prediction, golds_of(dataset, row, where, prediction)))
+    return dict(mean_scores(scores), n=len(scores), of=OFFICIAL_QUESTIONS[dataset])
 
 
 def print_scores(result: dict) -> None:
@@ -207,7 +290,7 @@ def print_scores(result: dict) -> None:
     print(f"Token F1: {result['f1']:.2f}")
     print(f"Exact match: {result['exact']:.2f}")
     print(f"Accuracy (recall = 1): {result['accuracy']:.2f}")
-    print(f"Questions: {result['n']}")
+    print(f"Questions: {result['n']}" + (f" (a subset of {result['of']})" if result["n"] != result["of"] else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +306,7 @@ def parse_methods(text: str, kinds: list[str]) -> list[str]:
     known = ["direct", "random", "oracle", "policy"] + [f"single:{k}" for k in kinds]
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise ValueError(f"unknown method(s) {unknown or text!r}; known: {', '.join(known)}")
+        raise UserError(f"unknown method(s) {unknown or text!r}; known: {', '.join(known)}")
     return methods
 
 
@@ -242,7 +325,7 @@ def make_router(method: str, kinds: list[str], seed: int, gold_sub_questions: bo
             return [rng.choice(kinds)]
         if method == "oracle":
             if not gold_hops:
-                raise ValueError("method 'oracle' needs gold plans with gold experts (the mini world has them)")
+                raise UserError("method 'oracle' needs gold plans with gold experts (the mini world has them)")
             labelled = [k for k in gold_hop(gold_hops, hop).gold_experts if k in kinds]
             return labelled[:1] or chosen  # no expert holds this hop's evidence: keep the policy's choice
         return chosen
@@ -295,11 +378,11 @@ def gold_reader_sampler(questions, image_root=None):
     return sample
 
 
-def question_golds(question) -> list[str]:
-    """The golds the official scorer uses (InfoSeek: answer_eval with its ranges expanded)."""
+def question_golds(question, prediction: str) -> list[str]:
+    """The golds the official scorer uses for `prediction` (InfoSeek: answer_eval with its ranges)."""
     if question.answer_eval is None:
         return [str(a) for a in question.answers]
-    return golds_of("infoseek", {"answer_eval": question.answer_eval})
+    return golds_of("infoseek", {"answer_eval": question.answer_eval}, question.qid, prediction)
 
 
 def needs_several_experts(question) -> bool:
@@ -318,7 +401,7 @@ def question_record(question, trajectory, method: str, show_k: int) -> dict:
     found = [bool(set(h.gold_docs) & shown) for h in hops]
     routed = [hops[s.hop].routed_by(s.experts)
               for s in plans if s.hop < len(hops) and hops[s.hop].gold_experts]
-    result = score(trajectory.final_answer, question_golds(question))
+    result = score(trajectory.final_answer, question_golds(question, trajectory.final_answer))
     return dict(dataset=question.dataset, qid=question.qid, kind=question.kind, method=method,
                 question=question.question, golds=list(question.answers), prediction=trajectory.final_answer,
                 **{k: getattr(result, k) for k in ("recall", "f1", "exact", "accuracy")},
@@ -337,7 +420,6 @@ def run_methods(cfg, questions, methods: list[str], checkpoint: str | None, gold
     `gold_reader` replaces the policy with gold_reader_sampler (routing alone is measured).
     """
     import dataclasses
-    import json
     from tqdm import tqdm
     import more
     import rollout
@@ -345,7 +427,7 @@ def run_methods(cfg, questions, methods: list[str], checkpoint: str | None, gold
     experts = build_experts(cfg)
     if gold_reader:
         if "policy" in methods:
-            raise ValueError("method 'policy' needs the model: the gold reader has no routing of its own")
+            raise UserError("method 'policy' needs the model: the gold reader has no routing of its own")
         sampler = gold_reader_sampler(questions, image_root)
     else:
         policy = more.load_policy(cfg, adapter_dir=checkpoint)
@@ -431,19 +513,18 @@ def load_eval_questions(cfg, split: str, benchmark: str | None, questions_file: 
     import data
     if benchmark:
         if not questions_file:
-            raise ValueError("--benchmark needs --questions (the official .jsonl file)")
+            raise UserError("--benchmark needs --questions (the official .jsonl file)")
         questions, root = data.load_benchmark(benchmark, questions_file, image_root), None
     else:
         data.ensure_world(cfg)
         path = Path(cfg.world_dir) / f"questions_{split}.jsonl"
         if not path.exists():
-            raise ValueError(f"no split {split!r}: {path} does not exist (splits: train, validation, test)")
+            raise UserError(f"no split {split!r}: {path} does not exist (splits: train, validation, test)")
         questions, root = data.load_questions(path), cfg.world_dir
     return questions[:limit] if limit else questions, root
 
 
 def evaluate_command(args, overrides) -> None:
-    import json
     cfg = load_config(args.config, overrides)
     methods = parse_methods(args.methods, list(cfg.experts))
     questions, root = load_eval_questions(cfg, args.split, args.benchmark, args.questions, args.image_root, args.limit)
@@ -469,11 +550,9 @@ def main(argv=None):
         scoring = argparse.ArgumentParser(prog="eval.py score", description="score an official-format predictions file")
         scoring.add_argument("--dataset", required=True, help=", ".join(DATASET_GOLDS))
         scoring.add_argument("--predictions", required=True)
+        scoring.add_argument("--subset", action="store_true", help="score fewer questions than the release's file on purpose")
         args = scoring.parse_args(argv[1:])
-        try:
-            print_scores(score_file(args.dataset, args.predictions))
-        except ValueError as err:
-            sys.exit(f"eval.py: {err}")
+        run_command("eval.py score", lambda: print_scores(score_file(args.dataset, args.predictions, args.subset)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
@@ -492,10 +571,7 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/eval", help="where predictions.jsonl and summary.{md,json} go")
     args, overrides = parser.parse_known_args(argv)
     args.argv = argv
-    try:
-        evaluate_command(args, overrides)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"eval.py: {err}")
+    run_command("eval.py", lambda: evaluate_command(args, overrides))
 
 
 if __name__ == "__main__":

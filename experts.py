@@ -10,8 +10,10 @@ Commands:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from config import UserError, run_command
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -69,7 +73,7 @@ class TextEncoder:
     def __init__(self, name: str = "minilm", pooling: str = "mean", batch_size: int = 64, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
         if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+            raise UserError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.name, self.pooling, self.batch_size, self.device = name, pooling, batch_size, device
         path = offline_text_encoder_path() if name == "minilm" else name
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -122,7 +126,7 @@ def read_image(image) -> Image.Image:
         with Image.open(image) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {str(image)!r}: {err}") from err
+        raise UserError(f"cannot read image {str(image)!r}: {err}") from err
 
 
 class PixelImageEncoder:
@@ -222,11 +226,15 @@ class HnswIndex:
 
     @classmethod
     def load(cls, directory: Path) -> "HnswIndex":
-        meta = json.loads((directory / "index.json").read_text())
+        meta = read_json_file(directory / "index.json", {"dim": int, "M": int, "ef_construction": int, "ef": int,
+                                                        "count": int})
         self = cls.__new__(cls)
         self.dim, self.M, self.ef_construction, self.ef = meta["dim"], meta["M"], meta["ef_construction"], meta["ef"]
         self.index = hnswlib.Index(space="ip", dim=self.dim)
-        self.index.load_index(str(directory / "index.bin"), max_elements=max(meta["count"], 1))
+        try:
+            self.index.load_index(str(directory / "index.bin"), max_elements=max(meta["count"], 1))
+        except RuntimeError as err:
+            raise UserError(f"{directory / 'index.bin'}: not a readable hnswlib index ({err})") from None
         self.index.set_ef(self.ef)  # load_index resets ef to 10 (ENV.md, gotcha 7)
         return self
 
@@ -245,39 +253,95 @@ def exact_search(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 #   table {"id", "title", "header", "rows"}
 # An image path is relative to the corpus file's folder unless absolute.
 
-REQUIRED_FIELDS = {"text": ("id", "title", "text"), "image": ("id", "image", "text"),
-                   "table": ("id", "title", "header", "rows")}
+# Each kind's fields and their types; a table's header is a list of cells and its rows a list of
+# lists of cells (a cell is a string or a number).
+FIELD_TYPES = {"text": {"id": str, "title": str, "text": str},
+               "image": {"id": str, "image": str, "text": str},
+               "table": {"id": str, "title": str, "header": list, "rows": list}}
+REQUIRED_FIELDS = {kind: tuple(types) for kind, types in FIELD_TYPES.items()}
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a bad line raises a ValueError naming the file and the line number."""
+    """Rows of a JSONL file; a missing, binary or malformed file raises a UserError naming the file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    rows.append(_json_object(line, f"{path}:{number}"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it a binary file?") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a JSONL file") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
     return rows
 
 
-def read_corpus(path: str | Path, kind: str) -> list[dict]:
-    """Documents of one kind, with every required field checked (errors name file, line, field)."""
-    rows = read_jsonl(path)
+def read_json_file(path: Path, fields: dict) -> dict:
+    """A JSON object file with `fields` of the given types, or a UserError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: corrupt, not valid JSON ({err})") from None
+    bad = [name for name, kind in fields.items() if not isinstance(value, dict) or not isinstance(value.get(name), kind)]
+    if bad:
+        raise UserError(f"{path}: corrupt, field(s) {bad} missing or of the wrong type")
+    return value
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def document_problem(row: dict, kind: str, folder: Path, images_anywhere: bool) -> str:
+    """Why a corpus document is refused (a field, its value, the rule), or '' when it is fine."""
+    for name, kind_of in FIELD_TYPES[kind].items():
+        if name not in row:
+            return f"lacks field {name!r}"
+        if not isinstance(row[name], kind_of) or isinstance(row[name], bool):
+            return f"field {name!r} = {str(row[name])[:40]!r} must be a {kind_of.__name__}"
+    if kind == "table":
+        cells = list(row["header"]) + [cell for r in row["rows"] if isinstance(r, list) for cell in r]
+        if any(not isinstance(r, list) for r in row["rows"]) or \
+                any(not isinstance(c, (str, int, float)) or isinstance(c, bool) for c in cells):
+            return "field 'rows' must be a list of lists of strings or numbers, and 'header' a list of them"
+    if kind == "image":
+        image = (folder / row["image"]).resolve()
+        if not images_anywhere and not image.is_relative_to(folder.resolve()):
+            return f"field 'image' = {row['image']!r} lies outside the corpus folder (allow with --images-anywhere)"
+        if not image.is_file():
+            return f"field 'image' = {row['image']!r}: no such file"
+    return ""
+
+
+def read_corpus(path: str | Path, kind: str, images_anywhere: bool = False) -> list[dict]:
+    """Documents of one kind, every field and id checked; refuses the whole corpus if any is bad.
+
+    The error counts the refused documents by problem and names the first (file, line, id, field).
+    Image paths are resolved against the corpus folder and must lie inside it unless allowed.
+    """
+    folder, rows, problems, seen = Path(path).parent, read_jsonl(path), [], set()
     for number, row in enumerate(rows, start=1):
-        missing = [name for name in REQUIRED_FIELDS[kind] if name not in row]
-        if missing:
-            raise ValueError(f"{path}: document {number} (id {row.get('id')!r}) lacks field(s) {missing}")
-        if kind == "image":
-            image = Path(row["image"])
-            row["image"] = str(image if image.is_absolute() else Path(path).parent / image)
+        problem = document_problem(row, kind, folder, images_anywhere)
+        if not problem and row["id"] in seen:
+            problem = f"id {row['id']!r} repeats an earlier document's"
+        seen.add(row.get("id") if isinstance(row.get("id"), str) else None)
+        if problem:
+            problems.append(f"document {number} (id {str(row.get('id'))[:40]!r}): {problem}")
+        elif kind == "image":
+            row["image"] = str(folder / row["image"])
     if not rows:
-        raise ValueError(f"{path}: the corpus is empty")
+        raise UserError(f"{path}: the corpus is empty")
+    if problems:
+        raise UserError(f"{path}: {len(problems)} of {len(rows)} {kind} documents refused, nothing written; "
+                        f"first: {problems[0]}")
     return rows
 
 
@@ -307,13 +371,13 @@ class Expert:
     def __init__(self, kind: str, index: HnswIndex, docs: list[dict], text_encoder: TextEncoder,
                  image_encoder=None):
         if kind not in EXPERT_NAMES:
-            raise ValueError(f"unknown expert kind {kind!r}; kinds: {sorted(EXPERT_NAMES)}")
+            raise UserError(f"unknown expert kind {kind!r}; kinds: {sorted(EXPERT_NAMES)}")
         self.kind, self.index, self.docs = kind, index, docs
         self.name, self.description = EXPERT_NAMES[kind], EXPERT_DESCRIPTIONS[kind]
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.texts = [document_text(doc, kind) for doc in docs]
         if self.query_dim() != index.dim:
-            raise ValueError(f"{kind} expert: the encoders give {self.query_dim()}-d vectors but the index "
+            raise UserError(f"{kind} expert: the encoders give {self.query_dim()}-d vectors but the index "
                              f"holds {index.dim}-d vectors; rebuild the index with the same encoders")
 
     def query_dim(self) -> int:
@@ -387,15 +451,17 @@ class Expert:
         directory = Path(directory)
         for name in ("expert.json", "index.json", "index.bin", "docs.jsonl"):
             if not (directory / name).exists():
-                raise FileNotFoundError(f"no expert index at {directory}: {name} is missing "
+                raise UserError(f"no expert index at {directory}: {name} is missing "
                                         f"(build one with `python experts.py build`)")
-        spec = json.loads((directory / "expert.json").read_text())
+        spec = read_json_file(directory / "expert.json", {"kind": str, "text_encoder": str})
+        if spec["kind"] not in EXPERT_NAMES:
+            raise UserError(f"{directory / 'expert.json'}: kind {spec['kind']!r} is none of {', '.join(EXPERT_NAMES)}")
         docs = read_jsonl(directory / "docs.jsonl")
         if spec["kind"] == "image":
             docs = [dict(doc, image=str(directory / doc["image"])) for doc in docs]
         index = HnswIndex.load(directory)
         if len(index) != len(docs):
-            raise ValueError(f"{directory}: the index holds {len(index)} vectors but docs.jsonl has "
+            raise UserError(f"{directory}: the index holds {len(index)} vectors but docs.jsonl has "
                              f"{len(docs)} documents; rebuild the index")
         text_encoder = text_encoder or TextEncoder(spec["text_encoder"], spec.get("text_pooling", "mean"))
         if spec["kind"] == "image" and image_encoder is None:
@@ -414,8 +480,31 @@ def build_experts(cfg) -> list[Expert]:
 # Command line
 
 
+def build_command(args) -> str:
+    """Validate the corpus, build the expert and write it; a folder appears only when all went well."""
+    docs = read_corpus(args.corpus, args.kind, args.images_anywhere)
+    image_encoder = make_image_encoder(args.image_encoder) if args.kind == "image" else None
+    start = time.perf_counter()
+    expert = Expert.build(args.kind, docs, TextEncoder(args.text_encoder, args.text_pooling), image_encoder)
+    out, tmp = Path(args.out), Path(args.out + ".tmp")
+    if out.exists() and not (out / "expert.json").exists():
+        raise UserError(f"--out {out} exists and is not an expert index; choose another folder")
+    shutil.rmtree(tmp, ignore_errors=True)
+    expert.save(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return f"built {args.kind} expert: {len(docs)} documents in {time.perf_counter() - start:.1f}s -> {out}"
+
+
+def search_command(args) -> str:
+    if args.k < 1:
+        raise UserError(f"-k {args.k}: the number of documents must be at least 1")
+    expert = Expert.load(args.index)
+    hits = expert.search([Query(args.query, args.image)], args.k)[0]
+    return "\n".join(f"{rank:>2}  {hit.score:.3f}  {hit.doc_id}  {hit.text[:90]}" for rank, hit in enumerate(hits, 1))
+
+
 def main(argv=None):
-    import argparse
     parser = argparse.ArgumentParser(description="Build or query a retrieval expert.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="encode a JSONL corpus into an hnswlib index")
@@ -425,23 +514,15 @@ def main(argv=None):
     build.add_argument("--text-encoder", default="minilm", help="'minilm' (offline) or a model path/id")
     build.add_argument("--text-pooling", default="mean", choices=["mean", "cls"])
     build.add_argument("--image-encoder", default="pixels", help="'pixels' (offline) or a CLIP path/id")
+    build.add_argument("--images-anywhere", action="store_true", help="allow image paths outside the corpus folder")
     search = sub.add_parser("search", help="query a built expert")
     search.add_argument("--index", required=True)
     search.add_argument("query")
     search.add_argument("--image", default=None)
     search.add_argument("-k", type=int, default=5)
     args = parser.parse_args(argv)
-    if args.command == "build":
-        docs = read_corpus(args.corpus, args.kind)
-        image_encoder = make_image_encoder(args.image_encoder) if args.kind == "image" else None
-        start = time.perf_counter()
-        expert = Expert.build(args.kind, docs, TextEncoder(args.text_encoder, args.text_pooling), image_encoder)
-        expert.save(args.out)
-        print(f"built {args.kind} expert: {len(docs)} documents in {time.perf_counter() - start:.1f}s -> {args.out}")
-    else:
-        expert = Expert.load(args.index)
-        for rank, hit in enumerate(expert.search([Query(args.query, args.image)], args.k)[0], start=1):
-            print(f"{rank:>2}  {hit.score:.3f}  {hit.doc_id}  {hit.text[:90]}")
+    command = build_command if args.command == "build" else search_command
+    print(run_command(f"experts.py {args.command}", lambda: command(args)))
 
 
 if __name__ == "__main__":

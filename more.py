@@ -17,12 +17,13 @@ import json
 import os
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from config import UserError, load_config
+from config import UserError, load_config, run_command
 from experts import read_image
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def build_arch_config(arch: str, tokenizer):
     """A Qwen2_5_VLConfig for a preset, with special-token ids taken from `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
     if arch not in ARCH_PRESETS:
-        raise ValueError(f"unknown arch {arch!r}; presets: {sorted(ARCH_PRESETS)}")
+        raise UserError(f"unknown arch {arch!r}; presets: {sorted(ARCH_PRESETS)}")
     preset = ARCH_PRESETS[arch]
     text = dict(preset["text"])
     tie = text.pop("tie_word_embeddings", True)
@@ -198,7 +199,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+        raise UserError(f"device={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
     return torch.device(name)
 
 
@@ -312,7 +313,6 @@ def keep_4bit_layers_trainable(model) -> None:
 
 def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
     """Qwen2.5-VL in 4-bit with a LoRA adapter (fresh, or loaded from `adapter_dir`: see find_adapter)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
     device = pick_device(cfg.device)
     # bf16 compute on GPU; fp32 on CPU, where bf16 is ~5x slower without bf16 instructions (ENV.md).
@@ -333,6 +333,17 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
         # With a frozen embedding nothing upstream requires grad; without this the checkpointed
         # blocks receive no gradient and LoRA silently does not learn.
         model.enable_input_require_grads()
+    with warnings.catch_warnings():  # peft reads a property transformers has deprecated: noise for our users
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = _with_lora(model, cfg, adapter_dir)
+    processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
+    suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return Policy(model=model, processor=processor, device=device, suppress_ids=suppress)
+
+
+def _with_lora(model, cfg, adapter_dir: str | None):
+    """The model with its LoRA adapter: loaded from `adapter_dir` (trainable), or fresh."""
+    from peft import LoraConfig, PeftModel, get_peft_model
     if adapter_dir:
         model = PeftModel.from_pretrained(model, str(find_adapter(adapter_dir)), is_trainable=True)
     else:
@@ -345,9 +356,7 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
                           modules_to_save=["lm_head"] if cfg.train_lm_head else None)
         torch.manual_seed(cfg.seed)  # LoRA's init is then the same whether or not the model was just built
         model = get_peft_model(model, lora)
-    processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
-    suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-    return Policy(model=model, processor=processor, device=device, suppress_ids=suppress)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -784,7 +793,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default=None, help="a trained adapter: a run folder, a checkpoint or an adapter folder")
     args, overrides = parser.parse_known_args(argv)
     from rollout import answer_question
-    answer_question(load_config(args.config, overrides), args.question, args.image, args.checkpoint)
+    run_command("more.py", lambda: answer_question(load_config(args.config, overrides), args.question, args.image,
+                                                   args.checkpoint))
 
 
 if __name__ == "__main__":

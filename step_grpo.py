@@ -32,7 +32,7 @@ import data
 import more
 import rollout
 from config import (Config, ConfigError, UserError, add_config_arguments, load_config, resume_differences,
-                    underscored, unknown_option)
+                    run_command, underscored, unknown_option)
 from eval import score
 from experts import EXPERT_NAMES, build_experts
 from rollout import StepPrompt
@@ -774,16 +774,12 @@ def main(argv=None):
     add_config_arguments(parser)
     args, unknown = parser.parse_known_args(underscored(list(sys.argv[1:] if argv is None else argv)))
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "stop_after")}
-    try:
+
+    def body():
         if unknown:
             raise unknown_option(unknown[0])
-        cfg = load_config(args.config, overrides)
-        out = train(cfg, resume=args.resume, stop_after=args.stop_after)
-    except UserError as err:
-        if os.environ.get("MORE_TRACEBACK"):
-            raise
-        print(f"step_grpo.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return train(load_config(args.config, overrides), resume=args.resume, stop_after=args.stop_after)
+    out = run_command("step_grpo.py", body)
     print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import experts
 from conftest import random_image
+from config import UserError
 from experts import Expert, HnswIndex, Query
 
 PASSAGES = [
@@ -162,7 +163,7 @@ def test_empty_queries_get_empty_results(text_expert, image_expert):
 
 
 def test_missing_index_directory_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no expert index at .*nowhere"):
+    with pytest.raises(UserError, match="no expert index at .*nowhere"):
         Expert.load(tmp_path / "nowhere")
 
 
