@@ -114,6 +114,8 @@ class Config:
     """PPO clip range epsilon (the release: 0.2)."""
     beta: float = 0.04
     """Weight of the k3 KL to the reference (adapter disabled); the release computed it but used 0."""
+    log_kl: bool = False
+    """Compute the KL to the reference for the metrics even when beta = 0 (one more forward per micro-batch); else it is NaN."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (the release: 1e-3)."""
     aggregation: str = "token"

@@ -430,7 +430,7 @@ def build_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40,
     encoder, pixels = TextEncoder("minilm"), PixelImageEncoder()
     experts = []
     for kind in ("text", "image", "table"):
-        docs = read_corpus(out / "corpora" / f"{kind}.jsonl", kind)
+        docs = read_corpus(out / "corpora" / f"{kind}.jsonl", kind, images_anywhere=True)  # ../images/: ours
         expert = Expert.build(kind, docs, encoder, pixels if kind == "image" else None)
         expert.save(out / "indexes" / kind)
         experts.append(expert)

@@ -126,28 +126,38 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return advantages
 
 
-def online_advantages(step_rewards: list[list[float]], slots: list[list[tuple]], outcomes: list[float],
+def credit_slot(step) -> tuple:
+    """The group a step's reward is normalised in: a plan or sub-answer step with the steps of its
+    kind and round; every final answer of a question in one group, whatever its round."""
+    return ("final",) if step.kind == "final" else (step.kind, step.hop)
+
+
+def online_advantages(trajectories: list, step_rewards: list[list[float]], outcomes: list[float],
                       w_outcome: float) -> list[list[float]]:
     """Per-step advantages for the G trajectories of one question (our online mode).
 
-        A_{i,s} = norm_slot(r_{i,s}) + w_outcome · norm_G(R_i)
+        A_{i,s} = norm_slot(r_{i,s}) + w_outcome · norm_G(R_i)     for a plan or sub-answer step s
+        A_{i,final} = norm_G(R_i)                                    for the final-answer step
 
-    norm_slot normalises a step's reward among the samples that reached the same slot (step kind and
-    round) in this group, so a plan step competes with the other plan steps of its round;
-    norm_G(R_i) is GRPO's group-normalised outcome (final-answer reward) of trajectory i, which
-    every step of the trajectory shares. Every token of step s of trajectory i gets A_{i,s}.
+    norm_slot normalises a step's reward among the samples of this group in the same slot
+    (credit_slot): a plan step competes with the other plan steps of its round. norm_G(R_i) is
+    GRPO's group-normalised outcome (final-answer reward) of trajectory i: every trajectory ends in
+    one final step, so the final slot is the whole group, and a final answer competes with every
+    other final answer, however many rounds led to it. The outcome enters each step once: the
+    final step's own reward is the outcome. Every token of step s of trajectory i gets A_{i,s}.
     """
-    outcome = group_advantages(torch.tensor(outcomes, dtype=torch.float64))
+    outcome = group_advantages(torch.tensor(outcomes, dtype=torch.float64)).tolist()
     by_slot = defaultdict(list)
-    for i, trajectory_slots in enumerate(slots):
-        for s, slot in enumerate(trajectory_slots):
-            by_slot[slot].append((i, s))
+    for i, trajectory in enumerate(trajectories):
+        for s, step in enumerate(trajectory.steps):
+            by_slot[credit_slot(step)].append((i, s))
     advantages = [[0.0] * len(r) for r in step_rewards]
     for members in by_slot.values():
         normed = group_advantages(torch.tensor([step_rewards[i][s] for i, s in members], dtype=torch.float64))
         for (i, s), a in zip(members, normed.tolist()):
             advantages[i][s] = a
-    return [[a + w_outcome * float(outcome[i]) for a in row] for i, row in enumerate(advantages)]
+    return [[a + (w_outcome * outcome[i] if step.kind != "final" else 0.0) for a, step in zip(row, t.steps)]
+            for i, (row, t) in enumerate(zip(advantages, trajectories))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,16 +189,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.
 
 def step_grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float,
                    entropy=None, entropy_coef: float = 0.0, aggregation: str = "token") -> LossParts:
-    """The Step-GRPO loss for a batch of completions; `advantages` is (B,) or (B, L)."""
+    """The Step-GRPO loss for a batch of completions; `advantages` is (B,) or (B, L).
+
+    `ref_logp` None: no reference was computed (β = 0 and the KL not asked for); the KL term is
+    then absent from the loss and reported as NaN, never measured against another policy.
+    """
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
     ratio = torch.exp(logp - old_logp)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     policy_term = torch.max(pg_loss1, pg_loss2)
-    ref_minus_logp = ref_logp - logp
-    kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
-    per_token = policy_term + beta * kl
+    if ref_logp is None:
+        kl = torch.full_like(logp, float("nan"))
+        per_token = policy_term
+    else:
+        ref_minus_logp = ref_logp - logp
+        kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
+        per_token = policy_term + beta * kl
     if entropy is not None and entropy_coef:
         per_token = per_token - entropy_coef * entropy
     loss = masked_mean(per_token, mask, aggregation)
@@ -239,7 +257,7 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
             mask = mask.to(policy.device)
             old = _scatter_logprobs([s.step.logprobs for s in chunk], mask)
         with clock("reference forward"):
-            ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta else old
+            ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta or cfg.log_kl else None
         with clock("policy forward"):
             logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True,
                                                 entropy_grad=bool(cfg.entropy_coef))
@@ -344,8 +362,7 @@ def online_step(policy, experts, questions, similarity, cfg, rng_seed: int, cloc
             scored = [trajectory_rewards(t, question.hops, similarity, cfg) for t in group]
         step_rewards = [r for r, _ in scored]
         outcomes = [o for _, o in scored]
-        slots = [[(s.kind, s.hop) for s in t.steps] for t in group]
-        advantages = online_advantages(step_rewards, slots, outcomes, cfg.w_outcome)
+        advantages = online_advantages(group, step_rewards, outcomes, cfg.w_outcome)
         groups += 1
         zero_std += float(np.std(outcomes) == 0)
         for t, rs, adv in zip(group, step_rewards, advantages):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import more
+import rollout
 import step_grpo as sg
 from config import Config, load_config
 from conftest import run_config
@@ -30,18 +31,49 @@ def test_nan_reward_gets_zero_and_is_left_out_of_the_statistics():
     assert torch.equal(sg.group_advantages(torch.tensor([float("nan"), 1.0])), torch.zeros(2))
 
 
-def test_online_advantages_normalise_per_slot_and_add_the_outcome():
-    # Two trajectories: plan rewards 1 and 0 in the same slot; outcomes 0 and 1; w_outcome 0.5.
-    rewards = [[1.0, 0.0], [0.0, 1.0]]
-    slots = [[("plan", 0), ("final", 0)], [("plan", 0), ("final", 0)]]
-    adv = sg.online_advantages(rewards, slots, outcomes=[0.0, 1.0], w_outcome=0.5)
-    z = 0.5 / math.sqrt(0.5)  # ±0.7071 for a pair {1, 0}
-    assert adv[0] == pytest.approx([z - 0.5 * z, -z - 0.5 * z], abs=1e-5)
-    assert adv[1] == pytest.approx([-z + 0.5 * z, z + 0.5 * z], abs=1e-5)
-    # A slot only one trajectory reached has no group: its step part is 0, the outcome part remains.
-    adv = sg.online_advantages([[1.0, 0.0, 1.0], [0.0, 1.0]], [[("plan", 0), ("plan", 1), ("final", 1)],
-                                                                [("plan", 0), ("final", 0)]], [1.0, 0.0], 1.0)
-    assert adv[0][1] == pytest.approx(z, abs=1e-5)  # 0 + outcome z
+def scripted_sampler(stops_at: dict[int, int], right: set[int], gold: str):
+    """Trajectory g plans to stop at round stops_at[g] (asking the text expert before that); its
+    final answer is the gold when g is in `right`. Rows come in trajectory order among the active."""
+    plans = {"n": 0}
+
+    def sample(prompts, kind):
+        out = []
+        for row, _ in enumerate(prompts):
+            if kind == "plan":
+                active = sorted(g for g, stop in stops_at.items() if stop >= plans["n"])
+                g, stop = active[row], stops_at[active[row]] == plans["n"]
+                text = ("<think>t</think><sub-question>None</sub-question><ret>None</ret>" if stop else
+                        "<think>t</think><sub-question>Who founded it?</sub-question><ret>Text Retriever</ret>")
+            else:
+                text = f"<think>t</think><answer>{gold if kind == 'final' and row in right else 'no idea'}</answer>"
+            out.append(([1], more.Completion([2, 3], [-0.5, -0.5], text, False)))
+        plans["n"] += kind == "plan"
+        return out
+    return sample
+
+
+def test_online_credit_puts_every_final_answer_in_one_group_and_counts_the_outcome_once(world, world_experts):
+    """A real rollout of G=4: trajectories 0 and 1 stop at once (0 answers wrong, 1 right by luck),
+    2 and 3 retrieve for one round and answer right. Every final step competes with all four, so
+    the lucky answer gets what the right answers after retrieval get (+0.5), not more; and the
+    final step carries the outcome once (w_outcome does not add it again). Fails if finals are
+    grouped by round, or if the outcome is added to the final step a second time."""
+    import data
+    question = next(q for q in data.load_questions(world / "questions_train.jsonl") if q.hops)
+    sampler = scripted_sampler({0: 0, 1: 0, 2: 1, 3: 1}, right={1, 2, 3}, gold=question.answers[0])
+    group = rollout.rollout(sampler, world_experts, [question], 4, max_steps=2, image_root=world)
+    assert [len(t.steps) for t in group] == [2, 2, 4, 4]  # stop+final, stop+final, plan+answer+stop+final
+    similarity = sg.SubQuestionSimilarity(world_experts[0].text_encoder)
+    scored = [sg.trajectory_rewards(t, question.hops, similarity, Config()) for t in group]
+    outcomes = [outcome for _, outcome in scored]
+    assert outcomes == [0.0, 1.0, 1.0, 1.0]
+    advantages = sg.online_advantages(group, [r for r, _ in scored], outcomes, w_outcome=1.0)
+    finals = [row[-1] for row in advantages]
+    assert finals == pytest.approx([-1.5, 0.5, 0.5, 0.5], abs=1e-5)  # (R - 0.75) / std{0,1,1,1}
+    # a plan step: its round's normalised reward plus the outcome, once
+    plan_rewards = [r[0] for r, _ in scored]
+    expected = sg.group_advantages(torch.tensor(plan_rewards, dtype=torch.float64)).tolist()
+    assert [row[0] for row in advantages] == pytest.approx([e + f for e, f in zip(expected, finals)], abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------- the loss
@@ -196,6 +228,32 @@ def test_zero_advantage_with_kl_moves_the_policy_back_toward_the_reference(polic
                for i, s in enumerate(steps)]
     sg.policy_update(policy, optimizer, [sg.Sample(s, None, 0.0) for s in current], Config(beta=1.0))
     assert kl_to_reference() < before
+
+
+def test_the_logged_kl_is_to_the_reference_or_nan(policy_and_samples):
+    """With beta = 0 the KL used to be taken against the sampling policy (so it was ~0 while the
+    policy had moved far from the reference). Now: NaN unless asked for, and with log_kl the KL to
+    the reference, which a moved policy shows."""
+    import more
+    import rollout
+    policy, steps = policy_and_samples
+    optimizer, _ = sg.make_optimizer(policy, Config(lr=2e-2), "grpo")
+    for _ in range(3):  # move away from the reference first
+        sg.policy_update(policy, optimizer, [sg.Sample(s, None, 1.0) for s in steps], Config(beta=0.0))
+    inputs, mask = rollout.training_batch(policy, steps, [None] * len(steps))
+    with torch.no_grad():
+        logp = more.token_logprobs(policy, inputs, mask)
+        ref = more.reference_logprobs(policy, inputs, mask)
+    d = (ref - logp)[mask]
+    expected = (torch.exp(d) - d - 1).mean().item()
+    current = [rollout.Step(s.kind, s.prompt_ids, s.completion_ids, logp[i][mask[i]].tolist(), s.text, True)
+               for i, s in enumerate(steps)]  # sampled by the current policy: old = current
+    frozen, _ = sg.make_optimizer(policy, Config(lr=0.0), "grpo")  # measure without moving
+    silent = sg.policy_update(policy, frozen, [sg.Sample(s, None, 1.0) for s in current], Config(beta=0.0))
+    assert math.isnan(silent["kl"])
+    logged = sg.policy_update(policy, frozen, [sg.Sample(s, None, 1.0) for s in current],
+                              Config(beta=0.0, log_kl=True))
+    assert expected > 1e-3 and logged["kl"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_zero_advantage_samples_are_not_run_and_the_gradient_is_unchanged(policy_and_samples):
