@@ -411,11 +411,57 @@ def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# Answer rewards: what the gold answer scores, and what answers that game the reward score.
+
+
+def step_user_text(sample) -> str:
+    return "".join(p["text"] for p in sample.parts if p["type"] == "text")
+
+
+def reward_cases(step_file: str | None, world_dir: str) -> dict[str, list[tuple[str, list]]]:
+    """(prediction, golds) pairs by case: golds beside pasted passages, pasted history, 'A or B'."""
+    import data
+    cases = {}
+    for name, path in (("official", step_file), ("mini world", str(Path(world_dir) / "steps_train.jsonl"))):
+        if not path or not Path(path).exists():
+            continue
+        samples = data.load_step_file(path)
+        answers = [s for s in samples if s.kind == "answer" and str(s.gold).strip()]
+        finals = [s for s in samples if s.kind == "final"]
+        cases[f"{name} sub-answers: the gold"] = [(s.gold, [s.gold]) for s in answers]
+        cases[f"{name} sub-answers: the prompt (passages) pasted"] = [(step_user_text(s), [s.gold]) for s in answers]
+        cases[f"{name} final answers: the first gold"] = [(s.gold[0], s.gold) for s in finals]
+        cases[f"{name} final answers: the prompt (history) pasted"] = [(step_user_text(s), s.gold) for s in finals]
+    questions = [q for split in ("train", "validation", "test")
+                 for q in data.load_questions(Path(world_dir) / f"questions_{split}.jsonl") if q.kind == "compare"]
+    cases["mini world comparisons: the gold"] = [(q.answers[0], q.answers) for q in questions]
+    cases["mini world comparisons: 'A or B'"] = [(q.question.split(", ", 1)[1].rstrip("?"), q.answers) for q in questions]
+    return cases
+
+
+def bench_rewards(step_file: str | None, world_dir: str) -> dict:
+    """Mean reward of each case under each answer_reward rule (step_grpo.answer_reward)."""
+    import data
+    import step_grpo
+    data.ensure_world(Config(world_dir=world_dir))
+    rules = ("recall", "f1")
+    return {case: dict(n=len(pairs), **{rule: float(np.mean([step_grpo.answer_reward(p, g, rule) for p, g in pairs]))
+                                        for rule in rules})
+            for case, pairs in reward_cases(step_file, world_dir).items()}
+
+
+def print_rewards(result: dict) -> None:
+    print("| answer | n | recall (the release) | f1 |\n|---|---|---|---|")
+    for case, row in result.items():
+        print(f"| {case} | {row['n']} | {row['recall']:.3f} | {row['f1']:.3f} |")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # The sub-command is a first word, not an argparse positional: a config override such as
     # `--mode steps` would otherwise have its value taken for the sub-command.
-    what = argv[0] if argv[:1] in (["experts"], ["rollout"], ["weights"]) else "train"
+    what = argv[0] if argv[:1] in (["experts"], ["rollout"], ["weights"], ["rewards"]) else "train"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "tiny.json"))
     parser.add_argument("--workload", choices=["config", "standard"], default="config",
@@ -428,8 +474,10 @@ def main(argv=None):
     parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "shared/data/more"))
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--steps-file", default=None, help="rewards: an official step file to score as well")
+    parser.add_argument("--world", default="runs/world", help="rewards: the mini world (built when missing)")
     args, overrides = parser.parse_known_args(argv[1:] if what != "train" else argv)
-    if overrides and (what in ("experts", "rollout") or args.workload == "standard"):
+    if overrides and (what in ("experts", "rollout", "rewards") or args.workload == "standard"):
         parser.error(f"unrecognised arguments: {' '.join(overrides)}")
     print("command: python bench.py " + " ".join(argv))
     result = run_command("bench.py", lambda: run_benchmark(what, args, overrides))
@@ -439,7 +487,10 @@ def main(argv=None):
 
 def run_benchmark(what: str, args, overrides: list[str]) -> dict:
     """Run and print one benchmark; returns its figures."""
-    if what == "experts":
+    if what == "rewards":
+        result = bench_rewards(args.steps_file, args.world)
+        print_rewards(result)
+    elif what == "experts":
         result = bench_experts(Path(args.data), args.queries)
         print_experts(result)
     elif what == "rollout":

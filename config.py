@@ -124,6 +124,8 @@ class Config:
     """Plan reward: weight of routing credit (exactly one expert, and it is in the hop's gold-expert set)."""
     w_subq: float = 0.5
     """Plan reward: weight of cosine similarity of the sub-question to the gold one."""
+    answer_reward: str = "f1"
+    """Reward of sub-answers and final answers: 'f1' (token F1, pays for the answer) or 'recall' (the release's, pays for length too)."""
     w_outcome: float = 1.0
     """Online mode: weight of the normalised final-answer reward added to every step's advantage."""
     sft_steps: int = 0
@@ -156,6 +158,7 @@ CHOICES = {
     "aggregation": ("token", "sequence"),
     "optimizer": ("adamw", "paged_adamw_8bit"),
     "text_pooling": ("mean", "cls"),
+    "answer_reward": ("f1", "recall"),
 }
 EXPERT_KINDS = ("text", "image", "table")
 

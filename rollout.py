@@ -88,11 +88,6 @@ class Step:
     probe: dict[str, bool] = field(default_factory=dict)  # plan steps with gold: kind -> top-k holds gold
     hop: int = 0  # round index (0-based)
 
-    @property
-    def loss_mask(self) -> list[int]:
-        """1 exactly on the tokens the policy sampled; 0 on the prompt (and expert text within it)."""
-        return [0] * len(self.prompt_ids) + [1] * len(self.completion_ids)
-
 
 @dataclass
 class Trajectory:

@@ -41,18 +41,23 @@ from rollout import StepPrompt
 # Rewards, step by step (REFERENCE.md, "Rewards"). Missing tags give 0.
 
 
-def answer_reward(prediction: str, golds: list[str]) -> float:
-    """Token recall against the golds (the official F1-Recall); all-or-nothing for short answers.
+def answer_reward(prediction: str, golds: list[str], rule: str = "recall") -> float:
+    """The reward of a sub-answer or final answer against its golds, by `rule` (config answer_reward).
 
-    One gold of at most 5 words, or several golds: 1 when recall is 1, else 0 (the release).
-    A single longer gold: the recall itself.
+    'recall', the release's: token recall of the best-F1 gold (the official F1-Recall); with one
+    gold of at most 5 words, or several golds, all-or-nothing (1 when the recall is 1). Recall pays
+    for length: an answer that pastes every passage shown contains most gold words.
+    'f1': the best token F1 over the golds. Precision enters, so a pasted passage, a pasted history
+    or "A or B" scores well below the gold itself (bench.py rewards measures both rules).
     """
     if not prediction or not golds:
         return 0.0
-    recall = score(prediction, [str(g) for g in golds]).recall
+    result = score(prediction, [str(g) for g in golds])
+    if rule == "f1":
+        return result.f1
     if len(golds) > 1 or len(str(golds[0]).split()) <= 5:
-        return float(recall == 1.0)
-    return recall
+        return float(result.recall == 1.0)
+    return result.recall
 
 
 def plan_reward(step, gold_hop, similarity, cfg) -> float:
@@ -98,9 +103,10 @@ def trajectory_rewards(trajectory, gold_hops, similarity, cfg) -> tuple[list[flo
                                        similarity, cfg))
         elif step.kind == "answer":
             gold = [gold_hops[step.hop].sub_answer] if step.hop < len(gold_hops) else []
-            rewards.append(answer_reward(step.answer, gold) if step.valid else 0.0)
+            rewards.append(answer_reward(step.answer, gold, cfg.answer_reward) if step.valid else 0.0)
         else:
-            rewards.append(answer_reward(trajectory.final_answer, trajectory.golds) if step.valid else 0.0)
+            rewards.append(answer_reward(trajectory.final_answer, trajectory.golds, cfg.answer_reward)
+                           if step.valid else 0.0)
     return rewards, rewards[-1]
 
 
@@ -433,7 +439,7 @@ def official_step_reward(gold, text: str, similarity, cfg) -> float:
         return cfg.w_route * float(routed) + cfg.w_subq * max(0.0, similarity(plan.sub_question, str(gold.gold["query"])))
     parsed = more.parse_answer(text)
     golds = [gold.gold] if gold.kind == "answer" else list(gold.gold)
-    return answer_reward(parsed.answer, golds) if parsed.valid else 0.0
+    return answer_reward(parsed.answer, golds, cfg.answer_reward) if parsed.valid else 0.0
 
 
 # ----------------------------------------------------------------------------------------------

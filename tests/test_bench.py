@@ -6,6 +6,9 @@ from config import load_config
 
 
 def test_training_breakdown_accounts_for_the_update(world, model_cache, tmp_path, capsys):
+    """The phases, timed inside the real code, cover the update: what no phase accounts for is a
+    small remainder. Fails if a phase goes untimed (say generation: half the update) or if a phase is
+    timed twice (the remainder turns negative)."""
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
                                   "world_dir": str(world), "questions_per_step": 2, "group_size": 2, "max_steps": 1,
@@ -17,8 +20,7 @@ def test_training_breakdown_accounts_for_the_update(world, model_cache, tmp_path
     assert set(bench.PHASES) <= set(phases)
     for name in ("generation", "reference forward", "policy forward", "backward", "optimizer"):
         assert phases[name] > 0, name
-    assert abs(sum(phases.values()) - result["step_s"]) < 1e-6  # "other" closes the sum: nothing is hidden
-    assert phases["other (parsing, bookkeeping)"] >= 0
+    assert 0 <= phases["other (parsing, bookkeeping)"] < 0.2 * result["step_s"]  # measured: under 1%
     assert result["work"]["sequences"] >= 2 * 2 * 2  # a plan and a final step per trajectory at least
     assert result["memory"]["peak_rss_gb"] > 0
     printed = capsys.readouterr().out

@@ -85,15 +85,16 @@ def test_sampling_logprobs_equal_teacher_forced_logprobs(shared_policy):
     torch.manual_seed(0)
     prompts = mixed_batch(shared_policy)
     completions = more.sample(shared_policy, prompts, "plan", 24, temperature=0.9)
-    lengths = {len(c.ids) for c in completions}
-    inputs, mask = batch_tensors(shared_policy, prompts, [c.ids for c in completions])
+    # Rows of different lengths in one batch (a prefix's log-probs are those of its tokens), so
+    # that a mask or padding off by one position on a ragged batch fails the comparison.
+    cut = [(c.ids[:n], c.logprobs[:n]) for c, n in zip(completions, (24, 7, 1, 16, 11, 3, 24, 20))]
+    assert len({len(ids) for ids, _ in cut}) > 1
+    inputs, mask = batch_tensors(shared_policy, prompts, [ids for ids, _ in cut])
     recomputed = more.token_logprobs(shared_policy, inputs, mask, temperature=0.9)
-    for row, completion in enumerate(completions):
-        assert len(completion.logprobs) == len(completion.ids) > 0
-        sampled = torch.tensor(completion.logprobs)
-        assert torch.allclose(sampled, recomputed[row][mask[row]], atol=1e-5, rtol=0)
+    for row, (ids, logprobs) in enumerate(cut):
+        assert len(logprobs) == len(ids) > 0 and int(mask[row].sum()) == len(ids)
+        assert torch.allclose(torch.tensor(logprobs), recomputed[row][mask[row]], atol=1e-5, rtol=0)
     assert recomputed[~mask].abs().sum() == 0
-    assert lengths  # rows may stop at different lengths; each is checked on its own ids
 
 
 def test_mm_token_type_ids_matter_for_image_prompts(shared_policy):

@@ -134,15 +134,21 @@ def tiny_cfg_module(model_cache):
                   max_new_tokens_answer=16)
 
 
-def test_recorded_ids_and_loss_mask_token_by_token(tiny_rollout):
-    for step in (s for t in tiny_rollout for s in t.steps):
-        sequence = step.prompt_ids + step.completion_ids
-        mask = step.loss_mask
-        assert len(mask) == len(sequence) and sum(mask) == len(step.completion_ids) > 0
-        assert [tok for tok, m in zip(sequence, mask) if m] == step.completion_ids
-        assert [tok for tok, m in zip(sequence, mask) if not m] == step.prompt_ids
-        inverted = [1 - m for m in mask]  # the classic bug: training on the prompt instead
-        assert [tok for tok, m in zip(sequence, inverted) if m] != step.completion_ids
+def test_the_training_mask_covers_exactly_the_sampled_tokens(shared_policy, tiny_rollout):
+    """The mask the loss uses (rollout.training_batch): 1 on exactly the sampled ids of each row,
+    0 on its prompt (expert passages included) and on the padding. Fails if the mask is inverted
+    (training on the prompt), shifted by a position, or covers padding."""
+    steps = [s for t in tiny_rollout for s in t.steps]
+    images = [t.image for t in tiny_rollout for _ in t.steps]
+    inputs, mask = rollout.training_batch(shared_policy, steps, images)
+    ids, pad = inputs["input_ids"], shared_policy.tokenizer.pad_token_id
+    assert len({len(s.prompt_ids) + len(s.completion_ids) for s in steps}) > 1  # a ragged, left-padded batch
+    for row, step in enumerate(steps):
+        assert ids[row][mask[row]].tolist() == step.completion_ids and len(step.completion_ids) > 0
+        unmasked = ids[row][~mask[row]].tolist()
+        padding = len(unmasked) - len(step.prompt_ids)
+        assert unmasked[padding:] == step.prompt_ids and unmasked[:padding] == [pad] * padding
+        assert inputs["attention_mask"][row].sum() == len(step.prompt_ids) + len(step.completion_ids)
 
 
 def test_recorded_steps_recompute_to_the_sampling_logprobs(shared_policy, tiny_rollout):

@@ -129,12 +129,17 @@ def test_token_and_sequence_aggregation():
 
 
 def test_answer_reward_rules():
+    """The release's recall rule, and F1, under which length and hedging no longer pay."""
     assert sg.answer_reward("It was 1899", ["1899"]) == 1.0
     assert sg.answer_reward("December", ["9 December 1899"]) == 0.0  # short gold: all or nothing
     long_gold = "The Royal Insurance Building in Glasgow has five floors"
     assert sg.answer_reward("royal insurance building floors", [long_gold]) == pytest.approx(4 / 8)
     assert sg.answer_reward("paris", ["Paris", "Paris, France"]) == 1.0
     assert sg.answer_reward("", ["x"]) == 0.0
+    assert sg.answer_reward("Velora or Arlen", ["Velora"], "recall") == 1.0  # hedging pays under recall
+    assert sg.answer_reward("Velora or Arlen", ["Velora"], "f1") == pytest.approx(0.5)
+    assert sg.answer_reward("It was 1899", ["1899"], "f1") == pytest.approx(0.5)
+    assert sg.answer_reward("1899", ["1899"], "f1") == 1.0
 
 
 def test_plan_reward_rules():
