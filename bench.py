@@ -4,7 +4,7 @@
       where a training step's time and memory go, phase by phase, on the config's own work
   python bench.py --workload standard [--steps 5]
       a fixed tiny-VL GRPO step (fp32 and 4-bit) that other implementations can be timed on
-  python bench.py experts [--data ../shared/data/more] [--queries 1000]
+  python bench.py experts [--data FOLDER_OF_BENCHMARK_FILES] [--queries 1000]
   python bench.py rollout [--config tiny.json] [--repeats 5]
   python bench.py weights --config small.json --random-init qwen2.5-vl-3b --device cpu
       the loaded policy's parameters and bytes by part, and the optimiser state they imply
@@ -471,7 +471,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default=None, help="a trained adapter: run folder, checkpoint or adapter")
     parser.add_argument("--steps", type=int, default=5, help="timed updates after one warm-up update")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "shared/data/more"))
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parent / "samples" / "more"),
+                        help="experts: a folder of the release's benchmark files (the samples by default)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--steps-file", default=None, help="rewards: an official step file to score as well")

@@ -92,6 +92,12 @@ class Config:
     """'online': G live trajectories per question (ours); 'steps': G samples of teacher-forced step prompts (the release)."""
     steps_file: str = ""
     """Step file for 'steps' mode and the warm start; empty means <world_dir>/steps_train.jsonl."""
+    image_root: str = ""
+    """Folder of a step file's images, each found by its file name (the release's files name absolute paths elsewhere); empty: as the file says."""
+    skip_missing_images: bool = False
+    """Steps mode: leave out the steps whose image is missing (and say how many) instead of refusing to start."""
+    max_prompt_tokens: int = 0
+    """Steps mode: cap a step prompt at this many tokens by dropping its last passages (0: no cap)."""
     train_steps: int = 100
     """Optimiser updates of the GRPO phase (after the warm start)."""
     questions_per_step: int = 4
@@ -189,7 +195,7 @@ RULES = {
     "entropy_coef": _at_least(0.0), "w_route": _at_least(0.0), "w_subq": _at_least(0.0),
     "w_outcome": _at_least(0.0), "sft_steps": _at_least(0), "sft_lr": _above(0.0), "sft_batch": _at_least(1),
     "save_every": _at_least(1), "eval_every": _at_least(0), "eval_questions": _at_least(1),
-    "traces_per_step": _at_least(0), "keep_checkpoints": _at_least(0),
+    "traces_per_step": _at_least(0), "keep_checkpoints": _at_least(0), "max_prompt_tokens": _at_least(0),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 

@@ -5,7 +5,7 @@
 
 The routing label of a hop is not a teacher's guess: every expert is asked the hop's sub-question
 (with the question's image, if any), and the label is the set of experts whose top-k holds the gold
-evidence. The released code only ever queried the expert its teacher chose (REFERENCE.md).
+evidence. The released code only ever queried the expert its teacher chose (docs/PROTOCOL.md).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import more
 from config import UserError, run_command
 from experts import EXPERT_NAMES, read_jsonl
 
@@ -57,12 +58,44 @@ class Question:
 
 @dataclass
 class StepSample:
-    """One teacher-forced step of an official Step-GRPO trajectory (REFERENCE.md)."""
+    """One teacher-forced step of an official Step-GRPO trajectory (docs/PROTOCOL.md)."""
     kind: str  # "plan" (official "ret"), "answer" (intermediate "ans"), "final" (last "ans")
     system: str
     parts: list[dict]  # the user turn: {"type": "text", "text": …} and {"type": "image", "image": path}
     gold: object  # plan: {"query", "retriever": [...]}; answer: str; final: list[str]
     trajectory: int  # index of the trajectory (line) it came from
+
+
+def gold_completion(sample) -> str:
+    """The text a teacher would write for an official step (data.StepSample).
+
+    Step files hold no thoughts, so the <think> part is a short constant: the warm start then
+    spends its updates on what the protocol needs (tags, the sub-question, the expert's name).
+    """
+    if sample.kind == "plan":
+        query, experts = sample.gold["query"], sample.gold["retriever"]
+        if str(query).lower() == "none":
+            return "<think>Enough.</think><sub-question>None</sub-question><ret>None</ret>"
+        name = " ".join(w.capitalize() for w in str(experts[0]).split())
+        return f"<think>Next hop.</think><sub-question>{query}</sub-question><ret>{name}</ret>"
+    answer = sample.gold if sample.kind == "answer" else sample.gold[0]
+    return f"<think>Read.</think><answer>{answer}</answer>"
+
+
+def step_images_present(samples: list[StepSample], path, skip_missing: bool) -> list[StepSample]:
+    """The steps whose images exist. A missing image refuses the file, with the count and the first
+    missing path, unless `skip_missing`: then those steps are left out, and how many is said."""
+    missing = [s for s in samples if any(p["type"] == "image" and not Path(p["image"]).is_file() for p in s.parts)]
+    if not missing:
+        return samples
+    with_image = sum(any(p["type"] == "image" for p in s.parts) for s in samples)
+    first = next(p["image"] for p in missing[0].parts if p["type"] == "image" and not Path(p["image"]).is_file())
+    if not skip_missing:
+        raise UserError(f"{path}: {len(missing)} of {with_image} image steps have no image file (first: {first}); "
+                        f"set image_root to the folder holding them (found by file name), or skip_missing_images")
+    print(f"{path}: left out {len(missing)} of {with_image} image steps whose image is missing (skip_missing_images)")
+    gone = {id(s) for s in missing}
+    return [s for s in samples if id(s) not in gone]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +148,13 @@ def load_benchmark(name: str, path: str | Path, image_root: str | Path | None = 
 STEP_KINDS = {"ret": "plan", "ans": "answer"}
 
 
-def load_step_file(path: str | Path) -> list[StepSample]:
+def load_step_file(path: str | Path, image_root: str | Path | None = None) -> list[StepSample]:
     """Every step of every trajectory of an official Step-GRPO file, as StepSamples.
 
     `<image>` in a step's problem becomes an image part (the k-th placeholder of a step is the
-    trajectory's k-th image; a relative path is relative to the file's folder); a step without one
-    stays text-only. The `ans` step whose gold is a list of answers is "final".
+    trajectory's k-th image; a relative path is relative to the file's folder, or, with
+    `image_root`, every image is that folder's file of the same name); a step without one stays
+    text-only. The `ans` step whose gold is a list of answers is "final".
     """
     samples = []
     for line, row in enumerate(read_jsonl(path), start=1):
@@ -142,19 +176,20 @@ def load_step_file(path: str | Path) -> list[StepSample]:
                 kind = "final"
             elif kind == "answer" and not isinstance(gold, str):
                 raise UserError(f"{at}: field 'answer' of an ans step must be a string or a list")
-            parts = _split_images(_require(step, "problem", str, at), images, at, Path(path).parent)
+            parts = _split_images(_require(step, "problem", str, at), images, at, Path(path).parent, image_root)
             samples.append(StepSample(kind, _require(step, "system", str, at), parts, gold, line - 1))
     return samples
 
 
-def _split_images(problem: str, images: list, where: str, folder: Path) -> list[dict]:
+def _split_images(problem: str, images: list, where: str, folder: Path, image_root=None) -> list[dict]:
     pieces = problem.split("<image>")
     if len(pieces) - 1 > len(images):
         raise UserError(f"{where}: field 'problem' has {len(pieces) - 1} <image> but 'images' has {len(images)}")
     parts = []
     for k, piece in enumerate(pieces):
         if k:
-            parts.append({"type": "image", "image": str(folder / images[k - 1])})  # absolute stays absolute
+            image = Path(image_root) / Path(images[k - 1]).name if image_root else folder / images[k - 1]
+            parts.append({"type": "image", "image": str(image)})  # absolute stays absolute
         if piece:
             parts.append({"type": "text", "text": piece})
     return parts
@@ -351,7 +386,6 @@ def label_gold_experts(questions: list[Question], experts, k: int, image_dir: Pa
 
 def step_file_rows(questions: list[Question], experts, show_k: int, image_dir: Path) -> tuple[list[dict], int]:
     """Official-schema trajectories; questions with a hop no expert can answer are left out (counted)."""
-    import more  # the prompt texts live with the policy's protocol
     by_kind = {e.kind: e for e in experts}
     plan_system = more.plan_system_prompt(experts)
     rows, skipped = [], 0
@@ -480,8 +514,12 @@ def inspect(path: str) -> str:
         samples = load_step_file(path)
         kinds = Counter(s.kind for s in samples)
         with_image = sum(any(p["type"] == "image" for p in s.parts) for s in samples)
+        names = list(EXPERT_NAMES.values())
+        parsed = sum(more.parse_plan(gold_completion(s), names).valid if s.kind == "plan" else
+                     more.parse_answer(gold_completion(s)).valid for s in samples)
         return (f"step file: {len({s.trajectory for s in samples})} trajectories, {len(samples)} steps "
-                f"{dict(kinds)}, {with_image} steps with an image")
+                f"{dict(kinds)}, {with_image} steps with an image; gold completions that parse: "
+                f"{parsed} of {len(samples)}")
     if first and "hops" in first[0]:
         questions = load_questions(path)
         labels = Counter(",".join(h.gold_experts) or "(none)" for q in questions for h in q.hops)

@@ -5,7 +5,7 @@ and the loop itself evaluated with routing baselines side by side.
   python eval.py --config tiny.json [--checkpoint runs/train-tiny] --split test \
       --methods direct,single:text,single:image,single:table,random,oracle,policy
 
-The official metric (REFERENCE.md, "The metric") is the VQA evaluation's answer normalisation
+The official metric (docs/PROTOCOL.md, "The metric") is the VQA evaluation's answer normalisation
 (Antol et al. 2015, the VQA-Challenge `vqaEval.py`: processPunctuation + processDigitArticle),
 with MoRE's changes: only "an" and "the" are dropped, and tokens come from NLTK's word_tokenize.
 Recall alone can be gamed (echoing the question scores ~82 on WebQA), so F1 and EM are always shown.
@@ -244,7 +244,7 @@ def mean_scores(scores: list[Score]) -> dict[str, float]:
 
 # The release's validation files: their question counts, and how many of their rows repeat an
 # earlier row's question (openwikitqa_val.jsonl holds 10 rows twice, answers and all).
-OFFICIAL_QUESTIONS = {"2wikimultihopqa": 3000, "dyn_vqa": 715, "infoseek": 1000, "openwikitqa": 2999,
+OFFICIAL_QUESTIONS = {"2wikimultihopqa": 3000, "dyn_vqa": 715, "infoseek": 1000, "openwikitqa": 3000,
                       "tabfact": 1000, "webqa": 1000}
 OFFICIAL_REPEATS = {"openwikitqa": 10}
 ID_FIELDS = {"dyn_vqa": "question_id", "infoseek": "data_id"}

@@ -1,7 +1,7 @@
 """Retrieval experts: encoders, an hnswlib index, and the text, image-text and table experts.
 
 The paper's experts are a FAISS server over Wikipedia (BGE-M3), UniIR over M-BEIR and a DPR table
-retriever (REFERENCE.md). Here each expert is an in-process hnswlib index behind one interface:
+retriever (docs/PROTOCOL.md). Here each expert is an in-process hnswlib index behind one interface:
 `expert.search(queries, k)` answers a whole rollout step's queries in one batched call.
 
 Commands:
@@ -235,7 +235,7 @@ class HnswIndex:
             self.index.load_index(str(directory / "index.bin"), max_elements=max(meta["count"], 1))
         except RuntimeError as err:
             raise UserError(f"{directory / 'index.bin'}: not a readable hnswlib index ({err})") from None
-        self.index.set_ef(self.ef)  # load_index resets ef to 10 (ENV.md, gotcha 7)
+        self.index.set_ef(self.ef)  # load_index resets ef to 10 (docs/PROTOCOL.md, trap 6)
         return self
 
 

@@ -35,7 +35,7 @@ _VISION_FULL = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_head
                     spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
 ARCH_PRESETS = {
-    # Small enough to sample and train on two CPU cores in seconds (see ENV.md for timings).
+    # Small enough to sample and train on two CPU cores in seconds.
     # Untied embeddings, so that `train_lm_head` can train the head alone.
     "tiny": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
@@ -60,7 +60,7 @@ FULL_SIZE_ARCHS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 # A random or young policy samples these; the next forward then fails with "Image features and image
-# tokens do not match" (ENV.md, gotcha 2). They are never valid output, so they are outside the policy.
+# tokens do not match" (docs/PROTOCOL.md, trap 2). They are never valid output, so they are outside the policy.
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 
 
@@ -315,7 +315,7 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
     """Qwen2.5-VL in 4-bit with a LoRA adapter (fresh, or loaded from `adapter_dir`: see find_adapter)."""
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
     device = pick_device(cfg.device)
-    # bf16 compute on GPU; fp32 on CPU, where bf16 is ~5x slower without bf16 instructions (ENV.md).
+    # bf16 compute on GPU; fp32 on CPU, where bf16 is ~5x slower without bf16 instructions (docs/PROTOCOL.md, trap 8).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     path = resolve_model_path(cfg)
     quant = None
@@ -349,7 +349,7 @@ def _with_lora(model, cfg, adapter_dir: str | None):
     else:
         # A regex on language_model: a plain module list would also hit the vision tower's MLP.
         targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-        # A random tiny model's frozen head caps every token near chance (ENV.md): `train_lm_head`
+        # A random tiny model's frozen head caps every token near chance (docs/PROTOCOL.md, trap 9): `train_lm_head`
         # trains a copy of the head (peft modules_to_save; disable_adapter() still uses the original).
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, init_lora_weights=True, bias="none",
@@ -360,7 +360,7 @@ def _with_lora(model, cfg, adapter_dir: str | None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The step protocol (REFERENCE.md, "The step protocol"). Prompts are rendered in Qwen2-VL's chat
+# The step protocol (docs/PROTOCOL.md, "The step protocol"). Prompts are rendered in Qwen2-VL's chat
 # format by hand so that the real and the tiny model see exactly the same text.
 
 ANSWER_SYSTEM_PROMPT = (
@@ -431,10 +431,33 @@ def final_user_text(question: str, hops) -> str:
 
 
 def render_prompt(system: str, user: str, has_image: bool) -> str:
-    """Qwen2-VL chat format; the image (if any) comes first in the user turn."""
+    """Qwen2-VL chat format; the image (if any) ends the user turn, where the release's step
+    prompts put their `<image>` (all 203 image steps of its validation step file)."""
     image = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{image}{user}<|im_end|>\n"
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}{image}<|im_end|>\n"
             "<|im_start|>assistant\n")
+
+
+PASSAGE_START = re.compile(r"\b(?:ter|tir|tar)-\d+: ")
+
+
+def count_passages(user: str) -> int:
+    return len(PASSAGE_START.findall(user))
+
+
+def drop_last_passages(user: str, n: int) -> str:
+    """`user` without its last `n` retrieved passages (`ter-0: …` lines, listed best first).
+
+    A passage runs to the next one; the last runs to the blank line that ends the list.
+    """
+    starts = [m.start() for m in PASSAGE_START.finditer(user)]
+    if n <= 0 or not starts:
+        return user
+    blank = user.find("\n\n", starts[-1])
+    end = blank if blank >= 0 else len(user)
+    keep = max(0, len(starts) - n)
+    cut_from = starts[keep] if keep < len(starts) else end
+    return (user[:cut_from].rstrip("\n") if keep else user[:cut_from]) + user[end:]
 
 
 @dataclass
@@ -579,7 +602,7 @@ def collate(prompts: list[EncodedPrompt], completions: list[list[int]], pad_id: 
 
     Returns the model inputs (input_ids, attention_mask, mm_token_type_ids, pixel_values,
     image_grid_thw) and `completion_mask` (B, L). mm_token_type_ids must be passed to every forward:
-    without it transformers silently falls back to 1-D positions instead of M-RoPE (ENV.md, gotcha 1).
+    without it transformers silently falls back to 1-D positions instead of M-RoPE (docs/PROTOCOL.md, trap 1).
     """
     rows = [p.ids + c for p, c in zip(prompts, completions)]
     width = max(len(r) for r in rows)
@@ -691,7 +714,7 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str | None, max_n
     `max_new_tokens` tokens per row (end of turn suppressed: fixed-size benchmark work).
     `temperature=0` decodes greedily. Every sampling parameter is explicit: real Instruct checkpoints
     ship a generation config (repetition penalty, top_k) that would otherwise change the distribution, and `generate` applies
-    top_k=50 when top_k is unset (ENV.md, gotcha 3). For several samples of a prompt, repeat it.
+    top_k=50 when top_k is unset (docs/PROTOCOL.md, trap 3). For several samples of a prompt, repeat it.
     """
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
     tok = policy.tokenizer

@@ -2,7 +2,7 @@
 
 One round = plan step → parse → one batched call per chosen expert → sub-answer step over the top
 passages → history grows. Rounds end on `None`/`None`, on an invalid step, or after `max_steps`;
-then every trajectory writes its final answer (REFERENCE.md, "The step protocol").
+then every trajectory writes its final answer (docs/PROTOCOL.md, "The step protocol").
 
 Token-in, token-out. Each step is its own sequence: a prompt rendered from the history text
 (never scored) followed by the completion ids exactly as sampled (scored). The scored ids are never

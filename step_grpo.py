@@ -4,7 +4,7 @@ and a resumable training loop.
   python step_grpo.py --config tiny.json [--key value …] [--resume]
 
 Read top to bottom: config → rewards → advantages → the loss → the warm start → the loop →
-checkpoints → the command. Formulas cite their sources; REFERENCE.md holds the released protocol.
+checkpoints → the command. Formulas cite their sources; docs/PROTOCOL.md holds the released protocol.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from experts import EXPERT_NAMES, build_experts
 from rollout import StepPrompt
 
 # ----------------------------------------------------------------------------------------------
-# Rewards, step by step (REFERENCE.md, "Rewards"). Missing tags give 0.
+# Rewards, step by step (docs/PROTOCOL.md, "Rewards"). Missing tags give 0.
 
 
 def answer_reward(prediction: str, golds: list[str], rule: str = "recall") -> float:
@@ -303,36 +303,35 @@ def _trainable(policy) -> list[torch.nn.Parameter]:
 # Warm start: supervised steps on gold completions, for a policy that cannot yet write the protocol.
 
 
-def gold_completion(sample) -> str:
-    """The text a teacher would write for an official step (data.StepSample).
+def step_prompt(sample, tokenizer=None, cfg=None) -> tuple[StepPrompt, int]:
+    """(system, user text, image) of an official step, capped at cfg.max_prompt_tokens; and how
+    many passages the cap cut.
 
-    Step files hold no thoughts, so the <think> part is a short constant: the warm start then
-    spends its updates on what the protocol needs (tags, the sub-question, the expert's name).
+    The rule: passages are dropped from the last (the lowest ranked) until the prompt fits; its
+    tokens are those of the rendered text plus, with an image, the most an image can take
+    (max_pixels / 28²). A prompt still too long without passages is kept whole: the question and
+    history are the step itself. Without a tokenizer or with the cap at 0, nothing is cut.
     """
-    if sample.kind == "plan":
-        query, experts = sample.gold["query"], sample.gold["retriever"]
-        if str(query).lower() == "none":
-            return "<think>Enough.</think><sub-question>None</sub-question><ret>None</ret>"
-        name = " ".join(w.capitalize() for w in str(experts[0]).split())
-        return f"<think>Next hop.</think><sub-question>{query}</sub-question><ret>{name}</ret>"
-    answer = sample.gold if sample.kind == "answer" else sample.gold[0]
-    return f"<think>Read.</think><answer>{answer}</answer>"
-
-
-def step_prompt(sample):
-    """(system, user text, image) of an official step; its image, if any, goes first."""
     text = "".join(p["text"] for p in sample.parts if p["type"] == "text")
     images = [p["image"] for p in sample.parts if p["type"] == "image"]
-    return StepPrompt(sample.system, text, images[0] if images else None)
+    prompt = StepPrompt(sample.system, text, images[0] if images else None)
+    if tokenizer is None or cfg is None or not cfg.max_prompt_tokens:
+        return prompt, 0
+    image_tokens = cfg.max_pixels // (28 * 28) if prompt.image else 0
+    length = lambda user: len(tokenizer(more.render_prompt(prompt.system, user, False))["input_ids"]) + image_tokens
+    cut = 0
+    while cut < more.count_passages(text) and length(more.drop_last_passages(text, cut)) > cfg.max_prompt_tokens:
+        cut += 1
+    return StepPrompt(prompt.system, more.drop_last_passages(text, cut), prompt.image), cut
 
 
 def sft_update(policy, optimizer, samples, cfg) -> float:
     """One supervised step on official steps (data.StepSample) and their gold completions."""
     tok = policy.tokenizer
-    prompts = [step_prompt(sample) for sample in samples]
+    prompts = [step_prompt(sample, tok, cfg)[0] for sample in samples]
     encoded = [more.encode_prompt(policy.processor, more.render_prompt(p.system, p.user, p.image is not None), p.image)
                for p in prompts]
-    targets = [tok(gold_completion(sample) + "<|im_end|>", add_special_tokens=False)["input_ids"] for sample in samples]
+    targets = [tok(data.gold_completion(sample) + "<|im_end|>", add_special_tokens=False)["input_ids"] for sample in samples]
     return supervised_update(policy, optimizer, [e.ids for e in encoded], targets, [p.image for p in prompts], cfg)
 
 
@@ -384,7 +383,8 @@ def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=
     torch.manual_seed(rng_seed)
     policy.model.eval()
     G = cfg.group_size
-    prompts = [step_prompt(s) for s in step_samples for _ in range(G)]
+    capped = [step_prompt(s, policy.tokenizer, cfg) for s in step_samples]
+    prompts = [prompt for prompt, _ in capped for _ in range(G)]
     samples, rewards_by_kind, zero_std = [], defaultdict(list), 0
     by_kind = defaultdict(list)
     for i, p in enumerate(prompts):
@@ -403,7 +403,7 @@ def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=
         rewards_by_kind[gold.kind] += rewards
         samples += [Sample(rollout.Step(gold.kind, ids, c.ids, c.logprobs, c.text, True), image, a)
                     for (ids, c), a in zip(group, advantages)]
-    return samples, rewards_by_kind, zero_std / max(len(step_samples), 1)
+    return samples, rewards_by_kind, zero_std / max(len(step_samples), 1), sum(cut for _, cut in capped)
 
 
 def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, cfg, rng, seed: int, clock=None):
@@ -417,8 +417,9 @@ def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, c
         trajectories, samples, rewards, zero_std = online_step(policy, experts, batch, similarity, cfg, seed, clock)
     else:
         batch = rng.sample(step_samples, min(cfg.questions_per_step, len(step_samples)))
-        samples, rewards, zero_std = steps_mode_step(policy, batch, similarity, cfg, seed, clock)
-        trajectories = []
+        samples, rewards, zero_std, cut = steps_mode_step(policy, batch, similarity, cfg, seed, clock)
+        return [], samples, rewards, zero_std, {**policy_update(policy, optimizer, samples, cfg, clock),
+                                                "passages_cut": cut}
     return trajectories, samples, rewards, zero_std, policy_update(policy, optimizer, samples, cfg, clock)
 
 
@@ -720,17 +721,26 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
     return checkpoint, start
 
 
+def load_step_samples(cfg: Config) -> list:
+    """The step file's steps (the warm start's and steps mode's prompts), images checked first."""
+    path = cfg.steps_file or str(Path(cfg.world_dir) / "steps_train.jsonl")
+    if cfg.steps_file and not Path(path).is_file():
+        raise UserError(f"steps_file {path} not found: place the authors' step file there (docs/PROTOCOL.md) or "
+                        f"train offline on the mini world: python step_grpo.py --config tiny.json")
+    return data.step_images_present(data.load_step_file(path, cfg.image_root or None), path, cfg.skip_missing_images)
+
+
 def load_run(cfg: Config, checkpoint: Path | None) -> Run:
     """The world (built on first use), the policy (from the checkpoint's adapter), experts and data."""
     data.ensure_world(cfg)
+    step_samples = load_step_samples(cfg)  # before anything is written: a missing image stops here
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     policy = more.load_policy(cfg, adapter_dir=str(checkpoint / "adapter") if checkpoint else None)
     experts = build_experts(cfg)
     world = Path(cfg.world_dir)
-    return Run(cfg, out_dir, policy, experts, SubQuestionSimilarity(experts[0].text_encoder),
-               data.load_step_file(cfg.steps_file or str(world / "steps_train.jsonl")),
+    return Run(cfg, out_dir, policy, experts, SubQuestionSimilarity(experts[0].text_encoder), step_samples,
                data.load_questions(world / "questions_train.jsonl"),
                data.load_questions(world / "questions_validation.jsonl")[:cfg.eval_questions])
 

@@ -6,41 +6,39 @@ from pathlib import Path
 import pytest
 
 import data
-from conftest import SHARED_DATA
-
-needs_shared = pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} (the official MoRE files) is absent")
+from conftest import SAMPLES
 
 # ------------------------------------------------------------------------------------ official files
 
 
-@needs_shared
-# openwikitqa_val.jsonl holds 3000 questions; `wc -l` says 2999 because its last line has no newline.
-@pytest.mark.parametrize("name,count", [("2wikimultihopqa", 3000), ("dyn_vqa", 715), ("infoseek", 1000),
-                                        ("openwikitqa", 3000), ("tabfact", 1000), ("webqa", 1000)])
+# The samples' rows (the release's files: 3000, 715, 1000, 3000, 1000, 1000; docs/PROTOCOL.md).
+@pytest.mark.parametrize("name,count", [("2wikimultihopqa", 25), ("dyn_vqa", 25), ("infoseek", 25),
+                                        ("openwikitqa", 22), ("tabfact", 25), ("webqa", 25)])
 def test_benchmark_files_load_with_counts(name, count):
-    questions = data.load_benchmark(name, SHARED_DATA / data.BENCHMARKS[name][0])
+    questions = data.load_benchmark(name, SAMPLES / data.BENCHMARKS[name][0])
     assert len(questions) == count and all(q.question and q.answers for q in questions)
 
 
-@needs_shared
 def test_benchmark_field_mapping():
-    wiki = data.load_benchmark("2wikimultihopqa", SHARED_DATA / "2wikimultihopqa_val.jsonl")
+    wiki = data.load_benchmark("2wikimultihopqa", SAMPLES / "2wikimultihopqa_val.jsonl")
     assert wiki[0].answers == ["Małgorzata Braunek"] and wiki[0].image is None
-    infoseek = data.load_benchmark("infoseek", SHARED_DATA / "infoseek_val.jsonl")
+    infoseek = data.load_benchmark("infoseek", SAMPLES / "infoseek_val.jsonl")
     assert infoseek[0].qid == "infoseek_val_00000000" and infoseek[0].answers == ["energy transformation"]
     assert infoseek[0].answer_eval == ["energy conversion", "energy transformation", "conversion"]
     ranged = [q for q in infoseek if q.answer_eval and isinstance(q.answer_eval[0], dict)]
     assert ranged and "range" in ranged[0].answer_eval[0]  # numeric ranges kept intact
-    dyn = data.load_benchmark("dyn_vqa", SHARED_DATA / "DynVQA_en.202412.jsonl")
+    dyn = data.load_benchmark("dyn_vqa", SAMPLES / "DynVQA_en.202412.jsonl")
     assert dyn[0].qid == "en1" and len(dyn[0].answers) == 2
 
 
-@needs_shared
 def test_official_step_file_counts_and_images():
-    samples = data.load_step_file(SHARED_DATA / "grpo_dataset_valid_new.jsonl")
-    assert len({s.trajectory for s in samples}) == 119 and len(samples) == 758
-    assert sum(s.kind == "plan" for s in samples) == 346
-    assert sum(s.kind == "final" for s in samples) == 119
+    """Ten trajectories of the release's step file (119 trajectories, 758 steps: 346 plan, 293
+    answer, 119 final, 203 with an image; docs/PROTOCOL.md)."""
+    samples = data.load_step_file(SAMPLES / "grpo_dataset_valid_new.jsonl")
+    assert len({s.trajectory for s in samples}) == 10 and len(samples) == 50
+    assert sum(s.kind == "plan" for s in samples) == 24
+    assert sum(s.kind == "final" for s in samples) == 10
+    assert sum(any(p["type"] == "image" for p in s.parts) for s in samples) == 23
     first = samples[0]
     assert first.kind == "plan" and first.gold["retriever"] == ["text retriever"]
     assert first.parts == [{"type": "text", "text": first.parts[0]["text"]}]  # text-only: no dummy image
@@ -82,7 +80,8 @@ def test_gold_documents_contain_the_sub_answers(world):
     from experts import document_text, read_corpus
     docs = {}
     for kind in ("text", "image", "table"):
-        docs.update({d["id"]: document_text(d, kind) for d in read_corpus(world / "corpora" / f"{kind}.jsonl", kind)})
+        docs.update({d["id"]: document_text(d, kind) for d in read_corpus(world / "corpora" / f"{kind}.jsonl", kind,
+                                                                                   images_anywhere=True)})
     questions = data.load_questions(world / "questions_train.jsonl")
     for q in questions:
         for hop in q.hops:

@@ -10,7 +10,7 @@ import pytest
 import eval as ev
 import experts
 from config import UserError
-from conftest import ROOT, SHARED_DATA, random_image
+from conftest import ROOT, SAMPLES, random_image
 
 # Each case runs a command's main() in one child process (one import of torch for all of them),
 # with stderr captured; an exception that escapes main() is printed as the interpreter would.
@@ -206,11 +206,10 @@ def test_a_wide_infoseek_range_scores_in_time_independent_of_its_width():
 
 
 def infoseek_cases(seed: int):
-    """(answer_eval, prediction) pairs: the release's rows when present, else generated ranges."""
+    """(answer_eval, prediction) pairs: the release's sample rows, and generated ranges."""
     import random
     rng = random.Random(seed)
-    rows = [json.loads(line)["answer_eval"] for line in open(SHARED_DATA / "infoseek_val.jsonl")] \
-        if SHARED_DATA.exists() else []
+    rows = [json.loads(line)["answer_eval"] for line in open(SAMPLES / "infoseek_val.jsonl")]
     rows += [[{"range": sorted([rng.uniform(-60, 60), rng.uniform(-60, 60)])}, "x"] for _ in range(300)]
     for answer_eval in rows:
         for item in answer_eval:

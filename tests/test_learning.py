@@ -11,7 +11,7 @@ gold-expert set, sub-question similarity). Real sampler (more.sample), real loss
 Why a warm start, and why two sets of cues (measured by hand with `python tests/test_learning.py --seed N`):
 - A random tiny model does not read the sub-question when it writes the expert: after a warm start
   with random expert labels, P(expert | cue) is the same for every cue, and GRPO moves all cues
-  together (ENV.md: every pure-RL run collapsed onto one expert).
+  together (in pure-RL probes every run collapsed onto one expert).
 - So the warm start teaches the protocol, copying the cue, and routing BY READING on TAUGHT_CUES
   (two single-token cues per expert, true labels), in rounds of 100 updates until it routes them.
   The cues RL must learn (CUES) appear in it with random expert labels only: after it they are

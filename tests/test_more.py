@@ -98,7 +98,7 @@ def test_sampling_logprobs_equal_teacher_forced_logprobs(shared_policy):
 
 
 def test_mm_token_type_ids_matter_for_image_prompts(shared_policy):
-    """Guard for ENV.md gotcha 1: without mm_token_type_ids the positions (and log-probs) change."""
+    """Guard for docs/PROTOCOL.md, trap 1: without mm_token_type_ids the positions (and log-probs) change."""
     prompts = mixed_batch(shared_policy)[:1]
     inputs, mask = batch_tensors(shared_policy, prompts, [[11, 12, 13, 14]])
     with_types = more.token_logprobs(shared_policy, inputs, mask)

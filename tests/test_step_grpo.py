@@ -1,6 +1,8 @@
-"""Step-GRPO: the loss against hand-computed numbers, its direction, resume, and crash-safe checkpoints."""
+"""Step-GRPO: rewards, advantages and the loss against hand-computed numbers, the update's direction,
+the KL that is logged, and steps mode on the authors' step file."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import more
 import rollout
 import step_grpo as sg
 from config import Config, load_config
-from conftest import run_config
+from conftest import SAMPLES, run_config
 
 # ------------------------------------------------------------------------------------- advantages
 
@@ -295,3 +297,58 @@ def test_steps_mode_trains_on_a_step_file(tmp_path, world, model_cache):
     assert row["phase"] == "grpo" and row["sampled_tokens"] > 0
     assert any(k.startswith("reward_") for k in row) and 0.0 <= row["zero_std_groups"] <= 1.0
     assert more.latest_checkpoint(tmp_path / "steps") is not None
+
+
+def stand_in_images(step_file, folder):
+    """A picture for every image a step file names, under its file name (the real ones are not here)."""
+    import data
+    from conftest import random_image
+    folder.mkdir(exist_ok=True)
+    names = {Path(p["image"]).name for s in data.load_step_file(step_file) for p in s.parts if p["type"] == "image"}
+    for i, name in enumerate(sorted(names)):
+        random_image(i, (56, 84)).save(folder / name, format="JPEG")
+    return names
+
+
+def test_steps_mode_trains_on_the_authors_step_file_with_an_image_root(tmp_path, world, model_cache, capsys):
+    """The release's step file (the sample: 10 trajectories, 23 image steps naming the authors'
+    absolute paths). Without image_root: refused before training, with the count and the first
+    path. With it: several updates, image steps among them; with a tight max_prompt_tokens,
+    passages are cut and counted."""
+    step_file = SAMPLES / "grpo_dataset_valid_new.jsonl"
+    config = run_config(tmp_path, world, model_cache, "official", mode="steps", steps_file=str(step_file),
+                        sft_steps=0, train_steps=3, eval_every=0, questions_per_step=4, group_size=2,
+                        max_new_tokens_plan=8, max_new_tokens_answer=8, max_prompt_tokens=700)
+    with pytest.raises(SystemExit):
+        sg.main(["--config", str(config)])
+    err = capsys.readouterr().err
+    assert "23 of 23 image steps have no image file (first: /home/" in err and "image_root" in err
+    assert not (tmp_path / "official").exists()
+    names = stand_in_images(step_file, tmp_path / "images")
+    assert len(names) == 5
+    sg.main(["--config", str(config), "--image_root", str(tmp_path / "images")])
+    rows = [json.loads(line) for line in (tmp_path / "official" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["sampled_tokens"] > 0 for r in rows)
+    assert sum(r["passages_cut"] for r in rows) > 0
+
+
+def test_skip_missing_images_leaves_those_steps_out(tmp_path):
+    import data
+    step_file = SAMPLES / "grpo_dataset_valid_new.jsonl"
+    samples = data.load_step_file(step_file, tmp_path)
+    kept = data.step_images_present(samples, step_file, skip_missing=True)
+    assert len(samples) - len(kept) == 23 and not any(p["type"] == "image" for s in kept for p in s.parts)
+
+
+def test_image_goes_after_the_text_as_in_the_release():
+    text = more.render_prompt("system", "Origin question: which lake is this?", True)
+    assert text.endswith("which lake is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+                         "<|im_start|>assistant\n")
+
+
+def test_the_cap_drops_the_lowest_ranked_passages_first():
+    user = "Header:ter-0: first passage\nter-1: second passage\ntir-0: third\n\n Give me the answer to: q"
+    assert more.count_passages(user) == 3
+    assert more.drop_last_passages(user, 1) == "Header:ter-0: first passage\nter-1: second passage\n\n Give me the answer to: q"
+    assert more.drop_last_passages(user, 3) == "Header:\n\n Give me the answer to: q"
+    assert more.drop_last_passages(user, 0) == user
