@@ -703,10 +703,14 @@ class Run:
 def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
     """Check the run folder before anything is written: (checkpoint to resume from, first step).
 
-    A new run refuses a folder that holds one; a resumed run drops the metric and trace rows
-    written after its checkpoint (a killed run wrote some), or starts over when it has none.
+    A missing steps_file stops it first. A new run refuses a folder that holds one; a resumed run
+    drops the metric and trace rows written after its checkpoint (a killed run wrote some), or
+    starts over when it has none.
     """
     out_dir = Path(cfg.out_dir)
+    if cfg.steps_file and not Path(cfg.steps_file).is_file():
+        raise UserError(f"steps_file {cfg.steps_file} not found: place the authors' step file there (docs/PROTOCOL.md), "
+                        f"or train offline on the mini world: python step_grpo.py --config tiny.json")
     holds_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists()
     if holds_run and not resume:
         raise UserError(f"{out_dir} already holds a run: add --resume to continue it, or choose another out_dir")
@@ -724,9 +728,6 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
 def load_step_samples(cfg: Config) -> list:
     """The step file's steps (the warm start's and steps mode's prompts), images checked first."""
     path = cfg.steps_file or str(Path(cfg.world_dir) / "steps_train.jsonl")
-    if cfg.steps_file and not Path(path).is_file():
-        raise UserError(f"steps_file {path} not found: place the authors' step file there (docs/PROTOCOL.md) or "
-                        f"train offline on the mini world: python step_grpo.py --config tiny.json")
     return data.step_images_present(data.load_step_file(path, cfg.image_root or None), path, cfg.skip_missing_images)
 
 

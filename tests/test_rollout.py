@@ -71,7 +71,7 @@ def test_scripted_loop_order_history_queries_and_stopping(world, world_experts):
     assert all(p.image == str(world / image_q.image) for p in final_prompts[2:])
     # Stopping, invalid steps, outcomes.
     assert text_t.steps[2].stop and text_t.final_answer == founder
-    assert not image_t.steps[0].valid and "missing <sub-question>, <ret>" in image_t.steps[0].reason
+    assert not image_t.steps[0].valid and "missing <sub-question>, </sub-question>, <ret>, </ret>" == image_t.steps[0].reason
     assert table_t.final_answer == population
 
 
