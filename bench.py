@@ -14,16 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 from tqdm import tqdm
 
+import data
 import experts
+import more
+import rollout
+import step_grpo as sg
 from config import Config, load_config, run_command
+from experts import build_experts
+from rollout import PhaseClock
 
 # ----------------------------------------------------------------------------------------------
 # Experts: build time, queries/s and recall@10 of hnswlib against exact search, on real embeddings.
@@ -87,11 +96,6 @@ def print_experts(result: dict) -> None:
 
 def bench_rollout(config: str, repeats: int, n_questions: int = 8, group_size: int = 4) -> dict:
     """Greedy decoding, so both ways produce the same trajectories (tests check it) and the same work."""
-    import data
-    import more
-    import rollout
-    import torch
-    from experts import build_experts
     cfg = load_config(config, ["--temperature", "0"])
     data.ensure_world(cfg)
     experts = build_experts(cfg)
@@ -174,7 +178,6 @@ def bench_weights(config: str, overrides: list[str], random_init: str | None) ->
     full-precision weights are bf16 there (fp32 when loaded on a CPU); NF4 and the fp32 adapter are
     the same on both.
     """
-    import more
     cfg = bench_config(config, overrides, random_init)
     start = time.perf_counter()
     policy = more.load_policy(cfg)
@@ -225,15 +228,12 @@ PHASES = ["prompt encoding", "generation", "expert calls", "rewards", "batch bui
 
 
 def reset_peak_memory(device) -> None:
-    import torch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device) -> dict:
     """CUDA max allocated/reserved since the last reset; on CPU the process's peak RSS (whole life)."""
-    import resource
-    import torch
     if device.type == "cuda":
         return dict(cuda_max_allocated_gb=round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
                     cuda_max_reserved_gb=round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
@@ -244,7 +244,6 @@ def peak_memory(device) -> dict:
 def timed_steps(one_step, steps: int, device) -> list[dict]:
     """A warm-up step (allocator, kernels, caches), then `steps` timed ones; `one_step(clock)` runs
     one update and returns what it did (token and call counts)."""
-    from rollout import PhaseClock
     one_step(PhaseClock(device))
     reset_peak_memory(device)
     rows = []
@@ -288,10 +287,6 @@ def describe_work(samples, trajectories, image_token_id: int) -> dict:
 def bench_training(config: str, overrides: list[str], steps: int, random_init: str | None,
                    checkpoint: str | None) -> dict:
     """Time `steps` real updates of the config (its mode, B, G, budgets, experts) after a warm-up."""
-    import data
-    import more
-    import step_grpo as sg
-    from experts import build_experts
     cfg = bench_config(config, overrides, random_init)
     data.ensure_world(cfg)
     experts = build_experts(cfg)
@@ -321,7 +316,6 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
 
 
 def _threads() -> int:
-    import torch
     return torch.get_num_threads()
 
 
@@ -352,7 +346,6 @@ STANDARD = dict(arch="bench-standard", prompts=4, group_size=4, new_tokens=32, i
 
 def standard_images(folder: Path) -> list[str]:
     """Four fixed 56x56 pictures (seeded noise): 4 image tokens each after the 2x2 merge."""
-    from PIL import Image
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(0)
     paths = []
@@ -370,10 +363,6 @@ def distinct_token_reward(ids: list[int]) -> float:
 
 
 def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
-    import more
-    import rollout
-    import step_grpo as sg
-    import torch
     side, G = STANDARD["image_side"], STANDARD["group_size"]
     cfg = Config(model_name="tiny", arch=STANDARD["arch"], model_cache=model_cache, device="cpu",
                     load_in_4bit=load_in_4bit, lora_r=STANDARD["lora_r"], lora_alpha=2 * STANDARD["lora_r"],
@@ -421,7 +410,6 @@ def step_user_text(sample) -> str:
 
 def reward_cases(step_file: str | None, world_dir: str) -> dict[str, list[tuple[str, list]]]:
     """(prediction, golds) pairs by case: golds beside pasted passages, pasted history, 'A or B'."""
-    import data
     cases = {}
     for name, path in (("official", step_file), ("mini world", str(Path(world_dir) / "steps_train.jsonl"))):
         if not path or not Path(path).exists():
@@ -441,12 +429,10 @@ def reward_cases(step_file: str | None, world_dir: str) -> dict[str, list[tuple[
 
 
 def bench_rewards(step_file: str | None, world_dir: str) -> dict:
-    """Mean reward of each case under each answer_reward rule (step_grpo.answer_reward)."""
-    import data
-    import step_grpo
+    """Mean reward of each case under each answer_reward rule (sg.answer_reward)."""
     data.ensure_world(Config(world_dir=world_dir))
     rules = ("recall", "f1")
-    return {case: dict(n=len(pairs), **{rule: float(np.mean([step_grpo.answer_reward(p, g, rule) for p, g in pairs]))
+    return {case: dict(n=len(pairs), **{rule: float(np.mean([sg.answer_reward(p, g, rule) for p, g in pairs]))
                                         for rule in rules})
             for case, pairs in reward_cases(step_file, world_dir).items()}
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import more
 from config import UserError, run_command
-from experts import EXPERT_NAMES, read_jsonl
+from experts import EXPERT_NAMES, Expert, PixelImageEncoder, Query, TextEncoder, read_corpus, read_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -362,7 +362,6 @@ def split_questions(questions: list[Question], seed: int, fractions=(0.7, 0.15, 
 
 def hop_query(question: Question, hop: Hop, image_dir: Path | None):
     """The query each expert gets for a hop: the sub-question, with the question's image if any."""
-    from experts import Query
     image = str(image_dir / question.image) if question.image and image_dir else question.image
     return Query(hop.sub_question, image)
 
@@ -459,7 +458,6 @@ def write_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40)
 
 def build_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40, k: int = 10, show_k: int = 5):
     """The whole embedded default: world, expert indexes, gold-expert labels, step files."""
-    from experts import Expert, PixelImageEncoder, TextEncoder, read_corpus
     splits = write_world(out, seed, n_towns, per_kind)
     encoder, pixels = TextEncoder("minilm"), PixelImageEncoder()
     experts = []

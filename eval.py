@@ -13,9 +13,11 @@ Recall alone can be gamed (echoing the question scores ~82 on WebQA), so F1 and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
+import random
 import re
 import sys
 from collections import Counter
@@ -24,9 +26,14 @@ from pathlib import Path
 
 import numpy as np
 from nltk.tokenize import word_tokenize
+from tqdm import tqdm
 
+import data
+import more
+import rollout
 from config import UserError, load_config, run_command
-from experts import read_jsonl
+from experts import build_experts, read_jsonl
+from rollout import format_trace, image_path
 
 # ----------------------------------------------------------------------------------------------
 # Normalisation. Every quirk below is the reference behaviour, kept on purpose.
@@ -312,7 +319,6 @@ def parse_methods(text: str, kinds: list[str]) -> list[str]:
 
 def make_router(method: str, kinds: list[str], seed: int, gold_sub_questions: bool):
     """The rollout.Router of a method; None for `policy` with its own sub-questions."""
-    import random
     rng = random.Random(seed)
 
     def gold_hop(gold_hops, hop):
@@ -344,8 +350,6 @@ def gold_reader_sampler(questions, image_root=None):
     when every sub-answer was found. So a trajectory is right exactly when routing found all the
     evidence. Its own expert choice is a placeholder: use it with a routing method, not `policy`.
     """
-    import more
-    from rollout import image_path
     by_question = {(image_path(q.image, image_root), q.question): q for q in questions}
     sub_answers = {(image_path(q.image, image_root), h.sub_question): h.sub_answer for q in questions for h in q.hops}
     plan = "<think>Follow the gold plan.</think><sub-question>{}</sub-question><ret>{}</ret>"
@@ -393,7 +397,6 @@ def needs_several_experts(question) -> bool:
 
 def question_record(question, trajectory, method: str, show_k: int) -> dict:
     """One prediction with its score, routing and evidence diagnostics, and a compact trace."""
-    from rollout import format_trace
     plans = [s for s in trajectory.steps if s.kind == "plan" and s.valid and not s.stop]
     rounds = [s.experts for s in plans]
     shown = {i for s in plans for c in s.calls for i in c.hit_ids[:show_k]}
@@ -419,11 +422,6 @@ def run_methods(cfg, questions, methods: list[str], checkpoint: str | None, gold
 
     `gold_reader` replaces the policy with gold_reader_sampler (routing alone is measured).
     """
-    import dataclasses
-    from tqdm import tqdm
-    import more
-    import rollout
-    from experts import build_experts
     experts = build_experts(cfg)
     if gold_reader:
         if "policy" in methods:
@@ -510,7 +508,6 @@ def summary_markdown(table: dict, header: str) -> str:
 def load_eval_questions(cfg, split: str, benchmark: str | None, questions_file: str | None, image_root: str | None,
                         limit: int | None):
     """The mini world's split (built on first use), or an official benchmark file."""
-    import data
     if benchmark:
         if not questions_file:
             raise UserError("--benchmark needs --questions (the official .jsonl file)")

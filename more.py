@@ -1,8 +1,8 @@
 """The MoRE policy: a 4-bit QLoRA Qwen2.5-VL, the step protocol it speaks, and its log-probs.
 
 Read top to bottom: architecture presets → the tiny offline model → loading the policy →
-the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs →
-the `python more.py --config C "question"` command.
+the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs.
+(Asking a question from the command line is `python rollout.py`, which holds the loop.)
 
 The protocol is the one released with MoRE (arXiv 2505.22095): a plan step writes
 `<think>…</think><sub-question>…</sub-question><ret>…</ret>`, an answer step writes
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from config import UserError, load_config, run_command
+from config import UserError
 from experts import read_image
 
 # ----------------------------------------------------------------------------------------------
@@ -801,24 +801,3 @@ def reference_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tens
     """
     with policy.model.disable_adapter():
         return token_logprobs(policy, inputs, completion_mask, temperature)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: `python more.py --config tiny.json "question" [--image P]` answers one question with
-# the live experts and prints the trace (the loop itself is in rollout.py).
-
-def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="Answer one question with MoRE and print its trace.")
-    parser.add_argument("question")
-    parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
-    parser.add_argument("--image", default=None, help="an image file to ask about")
-    parser.add_argument("--checkpoint", default=None, help="a trained adapter: a run folder, a checkpoint or an adapter folder")
-    args, overrides = parser.parse_known_args(argv)
-    from rollout import answer_question
-    run_command("more.py", lambda: answer_question(load_config(args.config, overrides), args.question, args.image,
-                                                   args.checkpoint))
-
-
-if __name__ == "__main__":
-    main()

@@ -14,6 +14,7 @@ An expert that raises becomes a failed ExpertCall with the error, and its passag
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections import defaultdict
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 import more
-from experts import EXPERT_NAMES, Query
+from config import load_config, run_command
+from data import Question, ensure_world
+from experts import EXPERT_NAMES, Query, build_experts
 
 # ----------------------------------------------------------------------------------------------
 # Where the time goes: every phase of a training step is timed with one clock (bench.py, metrics).
@@ -327,9 +330,7 @@ def format_trace(t: Trajectory, max_hits: int = 3) -> str:
 
 
 def answer_question(cfg, question: str, image: str | None = None, checkpoint: str | None = None) -> Trajectory:
-    """`python more.py --config C "question"`: one trajectory with the live experts, printed."""
-    from data import Question, ensure_world
-    from experts import build_experts
+    """`python rollout.py --config C "question"`: one trajectory with the live experts, printed."""
     ensure_world(cfg)
     experts = build_experts(cfg)
     policy = more.load_policy(cfg, adapter_dir=checkpoint)
@@ -337,3 +338,18 @@ def answer_question(cfg, question: str, image: str | None = None, checkpoint: st
                          group_size=1, max_steps=cfg.max_steps, retrieve_k=cfg.retrieve_k, show_k=cfg.show_k)[0]
     print(format_trace(trajectory))
     return trajectory
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Answer one question with MoRE and print its trace.")
+    parser.add_argument("question")
+    parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
+    parser.add_argument("--image", default=None, help="an image file to ask about")
+    parser.add_argument("--checkpoint", default=None, help="a trained adapter: a run folder, a checkpoint or an adapter folder")
+    args, overrides = parser.parse_known_args(argv)
+    run_command("rollout.py", lambda: answer_question(load_config(args.config, overrides), args.question, args.image,
+                                                      args.checkpoint))
+
+
+if __name__ == "__main__":
+    main()

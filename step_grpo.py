@@ -14,13 +14,11 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
-import typing
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

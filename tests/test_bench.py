@@ -42,7 +42,6 @@ def test_weight_count_matches_the_unquantised_architecture(model_cache, tmp_path
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
     import more
-    import step_grpo
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
                                   "load_in_4bit": True, "lora_r": 4, "train_lm_head": False}))

@@ -58,7 +58,7 @@ def command_cases(bad):
                   (f"build {kind}", "experts", ["build", "--kind", "text", "--corpus", path, "--out",
                                                 str(bad["root"] / "out")], named),
                   (f"score {kind}", "eval", ["score", "--dataset", "webqa", "--predictions", path], named),
-                  (f"config {kind}", "more", ["--config", path, "a question"], named),
+                  (f"config {kind}", "rollout", ["--config", path, "a question"], named),
                   (f"bench config {kind}", "bench", ["--config", path], named),
                   (f"eval config {kind}", "eval", ["--config", path], named)]
     cases += [("search missing index", "experts", ["search", "--index", bad["missing"], "q"], "missing.jsonl"),

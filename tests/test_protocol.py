@@ -8,7 +8,6 @@ import unicodedata
 import pytest
 
 import more
-import step_grpo as sg
 from conftest import SAMPLES
 
 NAMES = ["Text Retriever", "Text Image Retriever", "Table Retriever"]

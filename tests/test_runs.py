@@ -3,7 +3,6 @@ did not save, resume that refuses a changed run, a config that fails fast, kills
 import json
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys

@@ -10,7 +10,7 @@ import torch
 import more
 import rollout
 import step_grpo as sg
-from config import Config, load_config
+from config import Config
 from conftest import SAMPLES, run_config
 
 # ------------------------------------------------------------------------------------- advantages
@@ -43,7 +43,7 @@ def scripted_sampler(stops_at: dict[int, int], right: set[int], gold: str):
         for row, _ in enumerate(prompts):
             if kind == "plan":
                 active = sorted(g for g, stop in stops_at.items() if stop >= plans["n"])
-                g, stop = active[row], stops_at[active[row]] == plans["n"]
+                stop = stops_at[active[row]] == plans["n"]
                 text = ("<think>t</think><sub-question>None</sub-question><ret>None</ret>" if stop else
                         "<think>t</think><sub-question>Who founded it?</sub-question><ret>Text Retriever</ret>")
             else:
