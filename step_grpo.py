@@ -249,26 +249,14 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
     if not samples:
         return {}
     weights = [len(s.step.completion_ids) if cfg.aggregation == "token" else 1 for s in samples]
-    total, parts = sum(weights), []
     carries_gradient = [i for i, s in enumerate(samples) if s.advantage != 0 or cfg.beta or cfg.entropy_coef]
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
+    parts = []
     for start in range(0, len(carries_gradient), cfg.micro_batch):
         rows = carries_gradient[start:start + cfg.micro_batch]
-        chunk = [samples[i] for i in rows]
-        with clock("batch building"):
-            inputs, mask = rollout.training_batch(policy, [s.step for s in chunk], [s.image for s in chunk])
-            mask = mask.to(policy.device)
-            old = _scatter_logprobs([s.step.logprobs for s in chunk], mask)
-        with clock("reference forward"):
-            ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta or cfg.log_kl else None
-        with clock("policy forward"):
-            logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True,
-                                                entropy_grad=bool(cfg.entropy_coef))
-            advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=policy.device)
-            part = step_grpo_loss(logp, old, ref, advantages, mask, cfg.clip_eps, cfg.beta, entropy,
-                                  cfg.entropy_coef, cfg.aggregation)
-            share = sum(weights[i] for i in rows) / total
+        share = sum(weights[i] for i in rows) / sum(weights)
+        part = micro_batch_loss(policy, [samples[i] for i in rows], cfg, clock)
         with clock("backward"):
             (part.loss * share).backward()
         parts.append((share, part))
@@ -278,13 +266,33 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
                 p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm)
         optimizer.step()
-    # loss and pg are exact over the whole batch (a skipped sample adds 0 to both); KL, entropy
-    # and clip fraction are means over the samples that were run (NaN when none was).
-    weighted = lambda name: sum(share * float(getattr(p, name)) for share, p in parts)
+    return dict(update_statistics(parts), grad_norm=float(grad_norm), samples_run=len(carries_gradient) / len(samples))
+
+
+def micro_batch_loss(policy, chunk: list[Sample], cfg, clock) -> LossParts:
+    """The Step-GRPO loss of one micro-batch: teacher-forced log-probs of the recorded steps."""
+    with clock("batch building"):
+        inputs, mask = rollout.training_batch(policy, [s.step for s in chunk], [s.image for s in chunk])
+        mask = mask.to(policy.device)
+        old = _scatter_logprobs([s.step.logprobs for s in chunk], mask)
+    with clock("reference forward"):
+        ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta or cfg.log_kl else None
+    with clock("policy forward"):
+        logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True,
+                                            entropy_grad=bool(cfg.entropy_coef))
+        advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=policy.device)
+        return step_grpo_loss(logp, old, ref, advantages, mask, cfg.clip_eps, cfg.beta, entropy,
+                              cfg.entropy_coef, cfg.aggregation)
+
+
+def update_statistics(parts: list[tuple[float, LossParts]]) -> dict:
+    """loss and pg are exact over the whole batch (a skipped sample adds 0 to both); KL, entropy and
+    clip fraction are means over the samples that were run (NaN when none was)."""
+    value = lambda x: float(x.detach()) if torch.is_tensor(x) else float(x)
+    weighted = lambda name: sum(share * value(getattr(p, name)) for share, p in parts)
     run_share = sum(share for share, _ in parts) or float("nan")
     return dict(loss=weighted("loss"), pg=weighted("policy"), kl=weighted("kl") / run_share,
-                entropy=weighted("entropy") / run_share, clip_fraction=weighted("clip_fraction") / run_share,
-                grad_norm=float(grad_norm), samples_run=len(carries_gradient) / len(samples))
+                entropy=weighted("entropy") / run_share, clip_fraction=weighted("clip_fraction") / run_share)
 
 
 def _scatter_logprobs(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
