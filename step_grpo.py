@@ -429,21 +429,25 @@ def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, c
     return trajectories, samples, rewards, zero_std, policy_update(policy, optimizer, samples, cfg, clock)
 
 
+def step_file_hop(gold: dict):
+    """A step file's plan gold as the data.Hop that plan_reward scores against; None when it says stop.
+
+    Its gold experts are the named ones: the teacher's single choice in the release's files, every
+    expert that holds the evidence in the mini world's (data.label_gold_experts).
+    """
+    names = {str(name).lower() for name in gold["retriever"]}
+    if names == {"none"}:
+        return None
+    kinds = {name.lower(): kind for kind, name in EXPERT_NAMES.items()}
+    return data.Hop(str(gold["query"]), "", [], gold_experts=[kinds[n] for n in sorted(names) if n in kinds])
+
+
 def official_step_reward(gold, text: str, similarity, cfg) -> float:
-    """The release's step rewards against a step file's gold: the plan's expert must be one of the
-    gold names (a set, when data.py labelled it by asking every expert); the sub-question is scored
-    by cosine similarity to the gold one."""
+    """The reward of a completion for a step file's step (data.StepSample): a plan is scored by
+    plan_reward against the step's gold as a Hop; an answer by answer_reward."""
     if gold.kind == "plan":
-        plan = more.parse_plan(text, list(EXPERT_NAMES.values()))
-        if not plan.valid:
-            return 0.0
-        gold_names = {str(n).lower() for n in gold.gold["retriever"]}
-        if plan.stop:
-            return float(gold_names == {"none"})
-        if gold_names == {"none"}:
-            return 0.0
-        routed = len(plan.experts) == 1 and plan.experts[0].lower() in gold_names
-        return cfg.w_route * float(routed) + cfg.w_subq * max(0.0, similarity(plan.sub_question, str(gold.gold["query"])))
+        kind_of = {name: kind for kind, name in EXPERT_NAMES.items()}
+        return plan_reward(rollout.plan_step(text, kind_of), step_file_hop(gold.gold), similarity, cfg)
     parsed = more.parse_answer(text)
     golds = [gold.gold] if gold.kind == "answer" else list(gold.gold)
     return answer_reward(parsed.answer, golds, cfg.answer_reward) if parsed.valid else 0.0
