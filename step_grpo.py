@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -533,19 +534,27 @@ def training_state(optimizer, scheduler, step: int) -> tuple[dict, dict]:
                      "python_rng": [version, list(internal), gauss_next]}
 
 
-def read_training_state(checkpoint: Path) -> tuple[dict, dict]:
-    """(tensors, values) of a checkpoint whose manifest has been verified; refuses a malformed file."""
+def read_training_state(checkpoint: Path, tensors: bool = True) -> tuple[dict, dict]:
+    """(tensors, values) of a checkpoint whose manifest has been verified; refuses a malformed file.
+
+    With `tensors=False` the safetensors header alone is read and checked (no tensor is loaded):
+    enough to learn the step before anything else is done.
+    """
+    path = checkpoint / "training_state.safetensors"
     try:
-        tensors = load_file(checkpoint / "training_state.safetensors")
+        if tensors:
+            loaded = load_file(path)
+        else:
+            with safe_open(path, "pt") as f:
+                loaded = dict.fromkeys(f.keys())
     except Exception as err:  # safetensors raises its own error type for a bad header
-        raise more.CheckpointError(f"{checkpoint / 'training_state.safetensors'}: not a valid safetensors file "
-                                   f"({err})") from None
+        raise more.CheckpointError(f"{path}: not a valid safetensors file ({err})") from None
     try:
         values = json.loads((checkpoint / "training_state.json").read_text())
         values["step"], values["param_groups"], values["python_rng"]  # noqa: B018 - the keys must exist
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise more.CheckpointError(f"{checkpoint / 'training_state.json'}: unreadable ({err})") from None
-    return tensors, values
+    return loaded, values
 
 
 def restore_training_state(checkpoint: Path, optimizer, scheduler, restore_optimizer: bool = True) -> int:
@@ -727,7 +736,7 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
     if resume and not holds_run:
         raise UserError(f"--resume: {out_dir} holds no run to resume")
     checkpoint = checkpoint_to_resume(cfg, out_dir) if resume else None
-    start = read_training_state(checkpoint)[1]["step"] + 1 if checkpoint else 0
+    start = read_training_state(checkpoint, tensors=False)[1]["step"] + 1 if checkpoint else 0
     for name in ("metrics.jsonl", "traces.jsonl"):
         dropped = drop_rows_after(out_dir / name, start - 1)
         if dropped:
