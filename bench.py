@@ -32,7 +32,7 @@ import rollout
 import step_grpo as sg
 from config import Config, load_config, run_command
 from experts import build_experts
-from rollout import PhaseClock
+from rollout import phase, timed
 
 # ----------------------------------------------------------------------------------------------
 # Experts: build time, queries/s and recall@10 of hnswlib against exact search, on real embeddings.
@@ -221,7 +221,7 @@ def print_weights(r: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Training steps: where the time and memory of one Step-GRPO update go, phase by phase. The phases
-# are timed inside the real code (rollout.PhaseClock): these are the same functions `train` runs.
+# are timed inside the real code (rollout.phase, rollout.timed): these are the same functions `train` runs.
 
 PHASES = ["prompt encoding", "generation", "expert calls", "rewards", "batch building", "reference forward",
           "policy forward", "backward", "optimizer"]
@@ -242,16 +242,18 @@ def peak_memory(device) -> dict:
 
 
 def timed_steps(one_step, steps: int, device) -> list[dict]:
-    """A warm-up step (allocator, kernels, caches), then `steps` timed ones; `one_step(clock)` runs
-    one update and returns what it did (token and call counts)."""
-    one_step(PhaseClock(device))
+    """A warm-up step (allocator, kernels, caches), then `steps` timed ones; `one_step()` runs one
+    update and returns what it did (token and call counts). Phases are timed where the code marks
+    them (rollout.phase)."""
+    one_step()
     reset_peak_memory(device)
     rows = []
     for _ in tqdm(range(steps), desc="timed steps"):
-        clock = PhaseClock(device)
-        start = time.perf_counter()
-        work = one_step(clock)
-        rows.append(dict(total=time.perf_counter() - start, phases=dict(clock.seconds), **work))
+        with timed(device) as clock:
+            start = time.perf_counter()
+            work = one_step()
+            total = time.perf_counter() - start
+        rows.append(dict(total=total, phases=dict(clock.seconds), **work))
     return rows
 
 
@@ -298,9 +300,9 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     rng = random.Random(cfg.seed)
 
-    def one_step(clock):
+    def one_step():
         trajectories, samples, _, _, _ = sg.grpo_step(policy, optimizer, experts, similarity, questions, step_samples,
-                                                      cfg, rng, rng.randrange(2**31), clock)
+                                                      cfg, rng, rng.randrange(2**31))
         return dict(sampled_tokens=sum(len(s.step.completion_ids) for s in samples),
                     work=describe_work(samples, trajectories, image_token_id))
 
@@ -376,18 +378,18 @@ def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
              for i in range(len(images))]
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
-    def one_step(clock):
-        with clock("prompt encoding"):
+    def one_step():
+        with phase("prompt encoding"):
             encoded = [more.encode_prompt(policy.processor, text, image) for text, image in zip(texts, images)]
         policy.model.eval()
-        with clock("generation"):
+        with phase("generation"):
             completions = more.sample(policy, [e for e in encoded for _ in range(G)], None, STANDARD["new_tokens"])
-        with clock("rewards"):
+        with phase("rewards"):
             rewards = torch.tensor([distinct_token_reward(c.ids) for c in completions], dtype=torch.float64)
             advantages = torch.cat([sg.group_advantages(group) for group in rewards.split(G)]).tolist()
         samples = [sg.Sample(rollout.Step("plan", encoded[i // G].ids, c.ids, c.logprobs, c.text, True), images[i // G], a)
                    for i, (c, a) in enumerate(zip(completions, advantages))]
-        sg.policy_update(policy, optimizer, samples, cfg, clock)
+        sg.policy_update(policy, optimizer, samples, cfg)
         return dict(sampled_tokens=sum(len(c.ids) for c in completions),
                     work=describe_work(samples, [], image_token_id))
 

@@ -19,6 +19,7 @@ import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,9 @@ from data import Question, ensure_world
 from experts import EXPERT_NAMES, Query, build_experts
 
 # ----------------------------------------------------------------------------------------------
-# Where the time goes: every phase of a training step is timed with one clock (bench.py, metrics).
+# Where the time goes. The method's code marks its phases (`with phase("generation"):`); a caller
+# that wants the times opens `with timed(device) as clock:` around it and reads clock.seconds
+# (bench.py, the metrics of every training update). No clock is passed through the method.
 
 
 class PhaseClock:
@@ -57,6 +60,31 @@ class PhaseClock:
         finally:
             self._sync()
             self.seconds[phase] += time.perf_counter() - start
+
+
+_CLOCK: ContextVar[PhaseClock | None] = ContextVar("phase_clock", default=None)
+
+
+@contextmanager
+def timed(device=None):
+    """Time every phase run inside this block on a new PhaseClock, which the block receives."""
+    clock = PhaseClock(device)
+    token = _CLOCK.set(clock)
+    try:
+        yield clock
+    finally:
+        _CLOCK.reset(token)
+
+
+@contextmanager
+def phase(name: str):
+    """Charge this block's time to `name` on the clock of the enclosing `timed` block, if any."""
+    clock = _CLOCK.get()
+    if clock is None:
+        yield
+        return
+    with clock(name):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,18 +148,17 @@ Sampler = Callable[[list[StepPrompt], str], list[tuple[list[int], more.Completio
 Router = Callable[[list, int, str, list[str]], tuple[str, list[str]]]
 
 
-def policy_sampler(policy: more.Policy, cfg, clock: PhaseClock | None = None) -> Sampler:
+def policy_sampler(policy: more.Policy, cfg) -> Sampler:
     """Sample with the policy: one batched `generate` per step kind, parameters from the config."""
     budgets = {"plan": cfg.max_new_tokens_plan, "answer": cfg.max_new_tokens_answer,
                "final": cfg.max_new_tokens_answer}
-    clock = clock or PhaseClock()
 
     def sample(prompts: list[StepPrompt], kind: str):
-        with clock("prompt encoding"):
+        with phase("prompt encoding"):
             encoded = [more.encode_prompt(policy.processor,
                                           more.render_prompt(p.system, p.user, p.image is not None), p.image)
                        for p in prompts]
-        with clock("generation"):
+        with phase("generation"):
             completions = more.sample(policy, encoded, kind, budgets[kind], cfg.temperature, cfg.top_p, cfg.top_k)
         return [(e.ids, c) for e, c in zip(encoded, completions)]
     return sample
@@ -152,13 +179,11 @@ class _State:
 
 def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, max_steps: int = 3,
             retrieve_k: int = 10, show_k: int = 5, image_root: str | Path | None = None,
-            clock: PhaseClock | None = None, router: Router | None = None) -> list[Trajectory]:
+            router: Router | None = None) -> list[Trajectory]:
     """G trajectories for each question (B×G in every batched call); questions are data.Question.
 
-    `clock`, when given, is charged with the wall time of the expert calls ("expert calls").
     `router`, when given, overrides what each valid plan asks and of whom (evaluation baselines).
     """
-    clock = clock or PhaseClock()
     states = [_State(Trajectory(q.qid, g, q.question, image_path(q.image, image_root), golds=list(q.answers)),
                      list(q.hops)) for q in questions for g in range(group_size)]
     plan_system = more.plan_system_prompt(experts)
@@ -168,7 +193,7 @@ def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, m
             break
         planned = _plan_round(sampler, active, experts, plan_system, hop, router)
         if planned:
-            with clock("expert calls"):
+            with phase("expert calls"):
                 passages = _call_experts(experts, planned, hop, retrieve_k)
             _answer_round(sampler, planned, passages, hop, show_k)
     _final_round(sampler, states)

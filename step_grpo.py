@@ -34,7 +34,7 @@ from config import (Config, ConfigError, UserError, add_config_arguments, load_c
                     run_command, underscored, unknown_option)
 from eval import score
 from experts import EXPERT_NAMES, build_experts
-from rollout import StepPrompt
+from rollout import StepPrompt, phase
 
 # ----------------------------------------------------------------------------------------------
 # Rewards, step by step (docs/PROTOCOL.md, "Rewards"). Missing tags give 0.
@@ -234,7 +234,7 @@ class Sample:
     advantage: float
 
 
-def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> dict:
+def policy_update(policy, optimizer, samples: list[Sample], cfg) -> dict:
     """One optimiser step over all samples, accumulating gradients across micro-batches.
 
     Each micro-batch's loss is weighted by its share of the whole (tokens for 'token'
@@ -243,9 +243,7 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
     has loss max(−0·ρ, −0·clip(ρ)) = 0: it adds nothing to the gradient, only its tokens to the
     denominator. Such samples are counted in the shares but not run through the model, which is
     exact and saves most of an update while a step kind has no reward signal (a zero-variance group).
-    `clock` (a rollout.PhaseClock) is charged with each phase's time.
     """
-    clock = clock or rollout.PhaseClock()
     samples = [s for s in samples if s.step.completion_ids]
     if not samples:
         return {}
@@ -257,11 +255,11 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
     for start in range(0, len(carries_gradient), cfg.micro_batch):
         rows = carries_gradient[start:start + cfg.micro_batch]
         share = sum(weights[i] for i in rows) / sum(weights)
-        part = micro_batch_loss(policy, [samples[i] for i in rows], cfg, clock)
-        with clock("backward"):
+        part = micro_batch_loss(policy, [samples[i] for i in rows], cfg)
+        with phase("backward"):
             (part.loss * share).backward()
         parts.append((share, part))
-    with clock("optimizer"):
+    with phase("optimizer"):
         if not parts:  # every sample skipped: the gradient is exactly zero, and AdamW still steps
             for p in _trainable(policy):
                 p.grad = torch.zeros_like(p)
@@ -270,15 +268,15 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg, clock=None) -> 
     return dict(update_statistics(parts), grad_norm=float(grad_norm), samples_run=len(carries_gradient) / len(samples))
 
 
-def micro_batch_loss(policy, chunk: list[Sample], cfg, clock) -> LossParts:
+def micro_batch_loss(policy, chunk: list[Sample], cfg) -> LossParts:
     """The Step-GRPO loss of one micro-batch: teacher-forced log-probs of the recorded steps."""
-    with clock("batch building"):
+    with phase("batch building"):
         inputs, mask = rollout.training_batch(policy, [s.step for s in chunk], [s.image for s in chunk])
         mask = mask.to(policy.device)
         old = _scatter_logprobs([s.step.logprobs for s in chunk], mask)
-    with clock("reference forward"):
+    with phase("reference forward"):
         ref = more.reference_logprobs(policy, inputs, mask, cfg.temperature) if cfg.beta or cfg.log_kl else None
-    with clock("policy forward"):
+    with phase("policy forward"):
         logp, entropy = more.token_logprobs(policy, inputs, mask, cfg.temperature, with_entropy=True,
                                             entropy_grad=bool(cfg.entropy_coef))
         advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=policy.device)
@@ -360,17 +358,16 @@ def supervised_update(policy, optimizer, prompt_ids, target_ids, images, cfg) ->
 # One GRPO update in each mode.
 
 
-def online_step(policy, experts, questions, similarity, cfg, rng_seed: int, clock=None):
+def online_step(policy, experts, questions, similarity, cfg, rng_seed: int):
     """G live trajectories per question → stepwise rewards → advantages (the samples of one update)."""
-    clock = clock or rollout.PhaseClock()
     torch.manual_seed(rng_seed)
     policy.model.eval()
-    trajectories = rollout.rollout(rollout.policy_sampler(policy, cfg, clock), experts, questions, cfg.group_size,
-                                   cfg.max_steps, cfg.retrieve_k, cfg.show_k, image_root=cfg.world_dir, clock=clock)
+    trajectories = rollout.rollout(rollout.policy_sampler(policy, cfg), experts, questions, cfg.group_size,
+                                   cfg.max_steps, cfg.retrieve_k, cfg.show_k, image_root=cfg.world_dir)
     samples, rewards_by_kind, zero_std, groups = [], defaultdict(list), 0, 0
     for qi, question in enumerate(questions):
         group = trajectories[qi * cfg.group_size:(qi + 1) * cfg.group_size]
-        with clock("rewards"):
+        with phase("rewards"):
             scored = [trajectory_rewards(t, question.hops, similarity, cfg) for t in group]
         step_rewards = [r for r, _ in scored]
         outcomes = [o for _, o in scored]
@@ -384,9 +381,8 @@ def online_step(policy, experts, questions, similarity, cfg, rng_seed: int, cloc
     return trajectories, samples, rewards_by_kind, zero_std / max(groups, 1)
 
 
-def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=None):
+def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int):
     """The release's method: G samples of each teacher-forced step prompt, rewarded against its gold."""
-    clock = clock or rollout.PhaseClock()
     torch.manual_seed(rng_seed)
     policy.model.eval()
     G = cfg.group_size
@@ -397,13 +393,13 @@ def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=
     for i, p in enumerate(prompts):
         by_kind[step_samples[i // G].kind].append(i)
     results = [None] * len(prompts)
-    sampler = rollout.policy_sampler(policy, cfg, clock)
+    sampler = rollout.policy_sampler(policy, cfg)
     for kind, rows in by_kind.items():
         for row, out in zip(rows, sampler([prompts[r] for r in rows], kind)):
             results[row] = out
     for gi, gold in enumerate(step_samples):
         group, image = results[gi * G:(gi + 1) * G], prompts[gi * G].image
-        with clock("rewards"):
+        with phase("rewards"):
             rewards = [official_step_reward(gold, completion.text, similarity, cfg) for _, completion in group]
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64)).tolist()
         zero_std += float(np.std(rewards) == 0)
@@ -413,7 +409,7 @@ def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int, clock=
     return samples, rewards_by_kind, zero_std / max(len(step_samples), 1), sum(cut for _, cut in capped)
 
 
-def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, cfg, rng, seed: int, clock=None):
+def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, cfg, rng, seed: int):
     """One GRPO update in the configured mode: draw a batch with `rng`, sample and score, update.
 
     Returns (trajectories, samples, rewards by step kind, zero-std fraction, update statistics);
@@ -421,13 +417,13 @@ def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, c
     """
     if cfg.mode == "online":
         batch = rng.sample(questions, min(cfg.questions_per_step, len(questions)))
-        trajectories, samples, rewards, zero_std = online_step(policy, experts, batch, similarity, cfg, seed, clock)
+        trajectories, samples, rewards, zero_std = online_step(policy, experts, batch, similarity, cfg, seed)
     else:
         batch = rng.sample(step_samples, min(cfg.questions_per_step, len(step_samples)))
-        samples, rewards, zero_std, cut = steps_mode_step(policy, batch, similarity, cfg, seed, clock)
-        return [], samples, rewards, zero_std, {**policy_update(policy, optimizer, samples, cfg, clock),
+        samples, rewards, zero_std, cut = steps_mode_step(policy, batch, similarity, cfg, seed)
+        return [], samples, rewards, zero_std, {**policy_update(policy, optimizer, samples, cfg),
                                                 "passages_cut": cut}
-    return trajectories, samples, rewards, zero_std, policy_update(policy, optimizer, samples, cfg, clock)
+    return trajectories, samples, rewards, zero_std, policy_update(policy, optimizer, samples, cfg)
 
 
 def step_file_hop(gold: dict):
@@ -771,10 +767,10 @@ def update_row(run: Run, optimizer, step: int) -> dict:
     if step < cfg.sft_steps:
         batch = rng.sample(run.step_samples, min(cfg.sft_batch, len(run.step_samples)))
         return {"phase": "sft", "sft_loss": sft_update(run.policy, optimizer, batch, cfg)}
-    clock = rollout.PhaseClock(run.policy.device)
-    trajectories, samples, rewards, zero_std, update = grpo_step(
-        run.policy, optimizer, run.experts, run.similarity, run.questions, run.step_samples, cfg, rng,
-        cfg.seed + step, clock)
+    with rollout.timed(run.policy.device) as clock:
+        trajectories, samples, rewards, zero_std, update = grpo_step(
+            run.policy, optimizer, run.experts, run.similarity, run.questions, run.step_samples, cfg, rng,
+            cfg.seed + step)
     if trajectories and cfg.traces_per_step:
         rollout.write_traces(run.out_dir / "traces.jsonl", trajectories[:cfg.traces_per_step], step)
     hops_by_id = {q.qid: q.hops for q in run.questions}
