@@ -406,10 +406,6 @@ def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
 # Answer rewards: what the gold answer scores, and what answers that game the reward score.
 
 
-def step_user_text(sample) -> str:
-    return "".join(p["text"] for p in sample.parts if p["type"] == "text")
-
-
 def reward_cases(step_file: str | None, world_dir: str) -> dict[str, list[tuple[str, list]]]:
     """(prediction, golds) pairs by case: golds beside pasted passages, pasted history, 'A or B'."""
     cases = {}
@@ -420,9 +416,9 @@ def reward_cases(step_file: str | None, world_dir: str) -> dict[str, list[tuple[
         answers = [s for s in samples if s.kind == "answer" and str(s.gold).strip()]
         finals = [s for s in samples if s.kind == "final"]
         cases[f"{name} sub-answers: the gold"] = [(s.gold, [s.gold]) for s in answers]
-        cases[f"{name} sub-answers: the prompt (passages) pasted"] = [(step_user_text(s), [s.gold]) for s in answers]
+        cases[f"{name} sub-answers: the prompt (passages) pasted"] = [(sg.step_prompt(s)[0].user, [s.gold]) for s in answers]
         cases[f"{name} final answers: the first gold"] = [(s.gold[0], s.gold) for s in finals]
-        cases[f"{name} final answers: the prompt (history) pasted"] = [(step_user_text(s), s.gold) for s in finals]
+        cases[f"{name} final answers: the prompt (history) pasted"] = [(sg.step_prompt(s)[0].user, s.gold) for s in finals]
     questions = [q for split in ("train", "validation", "test")
                  for q in data.load_questions(Path(world_dir) / f"questions_{split}.jsonl") if q.kind == "compare"]
     cases["mini world comparisons: the gold"] = [(q.answers[0], q.answers) for q in questions]

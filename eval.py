@@ -254,15 +254,14 @@ def mean_scores(scores: list[Score]) -> dict[str, float]:
 OFFICIAL_QUESTIONS = {"2wikimultihopqa": 3000, "dyn_vqa": 715, "infoseek": 1000, "openwikitqa": 3000,
                       "tabfact": 1000, "webqa": 1000}
 OFFICIAL_REPEATS = {"openwikitqa": 10}
-ID_FIELDS = {"dyn_vqa": "question_id", "infoseek": "data_id"}
 
 
 def check_prediction_rows(dataset: str, rows: list[dict], path, subset: bool) -> None:
     """Each question scored once, and all of the release's questions unless `subset` says otherwise."""
     first_line, repeats = {}, []
     for line, row in enumerate(rows, start=1):
-        key = row.get(ID_FIELDS[dataset]) if dataset in ID_FIELDS else \
-            (row.get("question"), row.get("image_id"), row.get(DATASET_GOLDS[dataset]))
+        id_field = data.BENCHMARKS[dataset][1]
+        key = row.get(id_field) if id_field else (row.get("question"), row.get("image_id"), row.get(DATASET_GOLDS[dataset]))
         key = json.dumps(key, sort_keys=True, default=str)
         if key in first_line:
             repeats.append((line, first_line[key]))

@@ -324,8 +324,8 @@ def step_prompt(sample, tokenizer=None, cfg=None) -> tuple[StepPrompt, int]:
         return prompt, 0
     image_tokens = cfg.max_pixels // (28 * 28) if prompt.image else 0
     length = lambda user: len(tokenizer(more.render_prompt(prompt.system, user, False))["input_ids"]) + image_tokens
-    cut = 0
-    while cut < more.count_passages(text) and length(more.drop_last_passages(text, cut)) > cfg.max_prompt_tokens:
+    cut, passages = 0, more.count_passages(text)
+    while cut < passages and length(more.drop_last_passages(text, cut)) > cfg.max_prompt_tokens:
         cut += 1
     return StepPrompt(prompt.system, more.drop_last_passages(text, cut), prompt.image), cut
 
@@ -713,6 +713,7 @@ class Run:
     step_samples: list  # data.StepSample: the warm start's and steps mode's prompts
     questions: list  # data.Question: online mode's training questions
     held_out: list  # data.Question: the periodic evaluation's validation questions
+    hops_by_id: dict  # question id -> its gold hops, for the routing metrics
 
 
 def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
@@ -756,9 +757,10 @@ def load_run(cfg: Config, checkpoint: Path | None) -> Run:
     policy = more.load_policy(cfg, adapter_dir=str(checkpoint / "adapter") if checkpoint else None)
     experts = build_experts(cfg)
     world = Path(cfg.world_dir)
+    questions = data.load_questions(world / "questions_train.jsonl")
     return Run(cfg, out_dir, policy, experts, SubQuestionSimilarity(experts[0].text_encoder), step_samples,
-               data.load_questions(world / "questions_train.jsonl"),
-               data.load_questions(world / "questions_validation.jsonl")[:cfg.eval_questions])
+               questions, data.load_questions(world / "questions_validation.jsonl")[:cfg.eval_questions],
+               {q.qid: q.hops for q in questions})
 
 
 def update_row(run: Run, optimizer, step: int) -> dict:
@@ -773,9 +775,8 @@ def update_row(run: Run, optimizer, step: int) -> dict:
             cfg.seed + step)
     if trajectories and cfg.traces_per_step:
         rollout.write_traces(run.out_dir / "traces.jsonl", trajectories[:cfg.traces_per_step], step)
-    hops_by_id = {q.qid: q.hops for q in run.questions}
     return {"phase": "grpo", **update,
-            **step_metrics(rewards, samples, trajectories, hops_by_id, zero_std, clock.seconds["generation"],
+            **step_metrics(rewards, samples, trajectories, run.hops_by_id, zero_std, clock.seconds["generation"],
                            run.policy),
             **{f"seconds_{name.replace(' ', '_')}": t for name, t in clock.seconds.items()}}
 
