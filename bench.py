@@ -28,8 +28,11 @@ from tqdm import tqdm
 import data
 import experts
 import more
+import protocol
+import rewards
 import rollout
 import step_grpo as sg
+import world
 from config import Config, load_config, run_command
 from experts import build_experts
 from rollout import phase, timed
@@ -97,15 +100,14 @@ def print_experts(result: dict) -> None:
 def bench_rollout(config: str, repeats: int, n_questions: int = 8, group_size: int = 4) -> dict:
     """Greedy decoding, so both ways produce the same trajectories (tests check it) and the same work."""
     cfg = load_config(config, ["--temperature", "0"])
-    data.ensure_world(cfg)
+    world.ensure_world(cfg)
     experts = build_experts(cfg)
     policy = more.load_policy(cfg)
     pool = data.load_questions(Path(cfg.world_dir) / "questions_test.jsonl")
-    questions = [next(q for q in pool if q.kind == k) for k in data.QUESTION_KINDS] + pool[-1:]
+    questions = [next(q for q in pool if q.kind == k) for k in world.QUESTION_KINDS] + pool[-1:]
     questions = questions[:n_questions]
     sampler = rollout.policy_sampler(policy, cfg)
-    run = lambda qs: rollout.rollout(sampler, experts, qs, group_size, cfg.max_steps, cfg.retrieve_k,
-                                     cfg.show_k, image_root=cfg.world_dir)
+    run = lambda qs: rollout.rollout(sampler, experts, qs, cfg, group_size, image_root=cfg.world_dir)
     run(questions[:1])  # warm-up
     batched, single, tokens = [], [], 0
     for _ in range(repeats):
@@ -290,10 +292,10 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
                    checkpoint: str | None) -> dict:
     """Time `steps` real updates of the config (its mode, B, G, budgets, experts) after a warm-up."""
     cfg = bench_config(config, overrides, random_init)
-    data.ensure_world(cfg)
+    world.ensure_world(cfg)
     experts = build_experts(cfg)
     policy = more.load_policy(cfg, adapter_dir=checkpoint)
-    similarity = sg.SubQuestionSimilarity(experts[0].text_encoder)
+    similarity = rewards.SubQuestionSimilarity(experts[0].text_encoder)
     optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
     questions = data.load_questions(Path(cfg.world_dir) / "questions_train.jsonl")
     step_samples = data.load_step_file(cfg.steps_file or str(Path(cfg.world_dir) / "steps_train.jsonl"))
@@ -374,7 +376,7 @@ def bench_standard(steps: int, load_in_4bit: bool, model_cache: str) -> dict:
     policy = more.load_policy(cfg)
     optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
     images = standard_images(Path(model_cache) / "standard-images")
-    texts = [more.render_prompt("You are a helpful assistant.", f"Question {i}: what does this picture show?", True)
+    texts = [protocol.render_prompt("You are a helpful assistant.", f"Question {i}: what does this picture show?", True)
              for i in range(len(images))]
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
@@ -416,9 +418,9 @@ def reward_cases(step_file: str | None, world_dir: str) -> dict[str, list[tuple[
         answers = [s for s in samples if s.kind == "answer" and str(s.gold).strip()]
         finals = [s for s in samples if s.kind == "final"]
         cases[f"{name} sub-answers: the gold"] = [(s.gold, [s.gold]) for s in answers]
-        cases[f"{name} sub-answers: the prompt (passages) pasted"] = [(sg.step_prompt(s)[0].user, [s.gold]) for s in answers]
+        cases[f"{name} sub-answers: the prompt (passages) pasted"] = [(data.step_prompt(s)[0].user, [s.gold]) for s in answers]
         cases[f"{name} final answers: the first gold"] = [(s.gold[0], s.gold) for s in finals]
-        cases[f"{name} final answers: the prompt (history) pasted"] = [(sg.step_prompt(s)[0].user, s.gold) for s in finals]
+        cases[f"{name} final answers: the prompt (history) pasted"] = [(data.step_prompt(s)[0].user, s.gold) for s in finals]
     questions = [q for split in ("train", "validation", "test")
                  for q in data.load_questions(Path(world_dir) / f"questions_{split}.jsonl") if q.kind == "compare"]
     cases["mini world comparisons: the gold"] = [(q.answers[0], q.answers) for q in questions]
@@ -427,10 +429,10 @@ def reward_cases(step_file: str | None, world_dir: str) -> dict[str, list[tuple[
 
 
 def bench_rewards(step_file: str | None, world_dir: str) -> dict:
-    """Mean reward of each case under each answer_reward rule (sg.answer_reward)."""
-    data.ensure_world(Config(world_dir=world_dir))
+    """Mean reward of each case under each answer_reward rule (rewards.answer_reward)."""
+    world.ensure_world(Config(world_dir=world_dir))
     rules = ("recall", "f1")
-    return {case: dict(n=len(pairs), **{rule: float(np.mean([sg.answer_reward(p, g, rule) for p, g in pairs]))
+    return {case: dict(n=len(pairs), **{rule: float(np.mean([rewards.answer_reward(p, g, rule) for p, g in pairs]))
                                         for rule in rules})
             for case, pairs in reward_cases(step_file, world_dir).items()}
 

@@ -278,6 +278,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def write_jsonl(path: str | Path, rows, append: bool = False) -> None:
+    """Rows as JSON lines (keys sorted, text as written); `append` adds to the file's end."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+
+
 def read_json_file(path: Path, fields: dict) -> dict:
     """A JSON object file with `fields` of the given types, or a UserError naming the file."""
     try:
@@ -436,11 +443,8 @@ class Expert:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.index.save(directory)
-        with open(directory / "docs.jsonl", "w", encoding="utf-8") as f:
-            for doc in self.docs:
-                if self.kind == "image":  # relative, so an index folder can be moved with its images
-                    doc = dict(doc, image=os.path.relpath(doc["image"], directory))
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        relative = lambda doc: dict(doc, image=os.path.relpath(doc["image"], directory))  # movable with its images
+        write_jsonl(directory / "docs.jsonl", [relative(d) if self.kind == "image" else d for d in self.docs])
         spec = dict(kind=self.kind, text_encoder=self.text_encoder.name, text_pooling=self.text_encoder.pooling,
                     image_encoder=self.image_encoder.name if self.image_encoder else None)
         (directory / "expert.json").write_text(json.dumps(spec, indent=1))

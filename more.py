@@ -1,30 +1,26 @@
-"""The MoRE policy: a 4-bit QLoRA Qwen2.5-VL, the step protocol it speaks, and its log-probs.
+"""The MoRE policy: a 4-bit QLoRA Qwen2.5-VL, how it turns step prompts into samples, and its log-probs.
 
 Read top to bottom: architecture presets → the tiny offline model → loading the policy →
-the step protocol (prompts and parsers) → turning prompts into tensors → sampling → log-probs.
-(Asking a question from the command line is `python rollout.py`, which holds the loop.)
-
-The protocol is the one released with MoRE (arXiv 2505.22095): a plan step writes
-`<think>…</think><sub-question>…</sub-question><ret>…</ret>`, an answer step writes
-`<think>…</think><answer>…</answer>`. Nothing here knows about rewards or optimisers.
+turning prompts into tensors → sampling → log-probs. The step protocol it speaks (prompts and
+parsers) is protocol.py; asking a question from the command line is `python rollout.py`.
+Nothing here knows about rewards or optimisers.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import itertools
 import json
 import os
-import re
-import unicodedata
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from checkpoint import MANIFEST, latest_checkpoint, verify_manifest
 from config import UserError
 from experts import read_image
+from protocol import (ANSWER_SYSTEM_PROMPT, CLOSING_TAG, FINAL_SYSTEM_PROMPT, PASSAGES_HEADER,
+                      plan_system_prompt)
 
 # ----------------------------------------------------------------------------------------------
 # Architecture presets. The 3B and 7B shapes are written down from the public config.json files of
@@ -219,62 +215,6 @@ def resolve_model_path(cfg) -> str:
     return str(path.resolve())
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints on disk: what a run folder's `latest` names, and a manifest of sha256 digests that
-# every checkpoint carries, so that a corrupted or foreign file is refused before it is read.
-
-MANIFEST = "manifest.json"
-CHECKPOINT_NAME = re.compile(r"step-\d{6}")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be trusted: the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path) -> None:
-    """manifest.json: the sha256 of every other file in `folder`, by relative path."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    digests = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
-    (folder / MANIFEST).write_text(json.dumps(digests, indent=1))
-
-
-def verify_manifest(folder: Path) -> None:
-    """Refuse `folder` unless its files are exactly those of its manifest, byte for byte."""
-    try:
-        digests = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{folder / MANIFEST}: missing or unreadable; not a checkpoint of this code") from None
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
-    for name in sorted(present | set(digests)):
-        if name not in digests:
-            raise CheckpointError(f"{folder / name}: not listed in the checkpoint's manifest (a foreign file)")
-        if name not in present:
-            raise CheckpointError(f"{folder / name}: listed in the checkpoint's manifest but missing")
-        if _sha256(folder / name) != digests[name]:
-            raise CheckpointError(f"{folder / name}: sha256 differs from the manifest (corrupted or changed)")
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint `out_dir/checkpoints/latest` names, refused unless it is a folder of that run."""
-    root = Path(out_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.exists():
-        return None
-    name = pointer.read_text(errors="replace").strip()
-    folder = root / name
-    if not CHECKPOINT_NAME.fullmatch(name) or not folder.is_dir() or folder.resolve().parent != root.resolve():
-        raise CheckpointError(f"{pointer}: names {name[:80]!r}, which is not a checkpoint folder inside {root}")
-    return folder
-
-
 def find_adapter(path: str | Path) -> Path:
     """The LoRA adapter folder behind a path: the adapter itself, a checkpoint, or a run's out_dir.
 
@@ -357,224 +297,6 @@ def _with_lora(model, cfg, adapter_dir: str | None):
         torch.manual_seed(cfg.seed)  # LoRA's init is then the same whether or not the model was just built
         model = get_peft_model(model, lora)
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# The step protocol (docs/PROTOCOL.md, "The step protocol"). Prompts are rendered in Qwen2-VL's chat
-# format by hand so that the real and the tiny model see exactly the same text.
-
-ANSWER_SYSTEM_PROMPT = (
-    "You are a professional question answering model. Your task is to carefully think through the "
-    "question based on the information retrieved and then provide the final answer.\n\n"
-    "Strict Output Format:\n<think>\n[Analyze the original question and the retrieved information. "
-    "Break down the reasoning process step by step. Do NOT provide the final answer yet.]\n</think>\n"
-    "<answer>\n[Provide the final answer based solely on the retrieved information.]\n</answer>")
-FINAL_SYSTEM_PROMPT = (
-    "You are a professional question answering model. Your task is to carefully think through the "
-    "question based on the sub-questions and their answers and then provide the final answer.\n\n"
-    "Strict Output Format:\n<think>\n[Analyze the original question and sub-questions with their "
-    "answers. Break down the reasoning process step by step. Do NOT provide the final answer yet.]\n"
-    "</think>\n<answer>\n[Provide the final answer based solely on the information before.]\n</answer>")
-PASSAGES_HEADER = ("According to the related information searched, `ter` means this info is from text "
-                   "retriever, `tir` means this info is from text image retriever, `tar` means this "
-                   "info is from table retriever:")
-# The passage tag of each expert kind, as in the released prompts (ter-0:, tir-0:, tar-0:).
-PASSAGE_TAGS = {"text": "ter", "image": "tir", "table": "tar"}
-CLOSING_TAG = {"plan": "</ret>", "answer": "</answer>", "final": "</answer>"}
-
-
-def plan_system_prompt(experts) -> str:
-    """The plan step's system prompt; the expert list is generated from the configured experts.
-
-    `experts` holds (name, description) pairs or objects with `.name` and `.description`.
-    """
-    pairs = [(e.name, e.description) if hasattr(e, "name") else tuple(e) for e in experts]
-    names = ", ".join(name for name, _ in pairs)
-    guide = "\n".join(f"   - `{name}`: {desc}" for name, desc in pairs)
-    return (
-        "You are a professional question decomposition expert for multi-hop QA systems. Your task is "
-        "to decompose complex questions into **strictly single-hop** sub-questions and select "
-        "appropriate retrievers.\n\n**Strict Output Format:**\n<think>\n[Analyze the original question "
-        "and determine the next required sub-question. Do NOT reveal answers or perform multi-hop "
-        "reasoning.]\n</think>\n<sub-question>\n[Exactly ONE single-hop question one time. If no further "
-        "information is needed to answer the origin question, write 'None'.]\n</sub-question>\n<ret>\n"
-        f"[Choose 1 retriever from: {names}. Write 'None' if <sub-question> is 'None'.]\n</ret>\n\n"
-        f"Retriever Selection Guidelines:\n{guide}")
-
-
-def history_text(question: str, hops) -> str:
-    """`Origin question: …` followed by `Sub-questionN: …\\nAnswerN: …` lines, as released."""
-    lines = [f"Origin question: {question}"]
-    for i, (sub_question, answer) in enumerate(hops, start=1):
-        lines += [f"Sub-question{i}: {sub_question}", f"Answer{i}: {answer}"]
-    return "\n".join(lines) + "\n"
-
-
-def passages_text(hits) -> str:
-    """Retrieved passages, one per line as `ter-0: …`; `hits` carry `.expert` (a kind) and `.text`."""
-    counters: dict[str, int] = {}
-    lines = []
-    for hit in hits:
-        tag = PASSAGE_TAGS[hit.expert]
-        lines.append(f"{tag}-{counters.get(tag, 0)}: {hit.text}")
-        counters[tag] = counters.get(tag, 0) + 1
-    return PASSAGES_HEADER + "\n".join(lines)
-
-
-def answer_user_text(sub_question: str, hits) -> str:
-    return (f"{passages_text(hits)}\n\n Give me the answer(with the format <answer></answer>) to the "
-            f"Question: {sub_question}")
-
-
-def final_user_text(question: str, hops) -> str:
-    return f"{history_text(question, hops)}Now, give me the final answer of the origin question: {question}"
-
-
-def render_prompt(system: str, user: str, has_image: bool) -> str:
-    """Qwen2-VL chat format; the image (if any) ends the user turn, where the release's step
-    prompts put their `<image>` (all 203 image steps of its validation step file)."""
-    image = "<|vision_start|><|image_pad|><|vision_end|>" if has_image else ""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}{image}<|im_end|>\n"
-            "<|im_start|>assistant\n")
-
-
-PASSAGE_START = re.compile(r"\b(?:ter|tir|tar)-\d+: ")
-
-
-def count_passages(user: str) -> int:
-    return len(PASSAGE_START.findall(user))
-
-
-def drop_last_passages(user: str, n: int) -> str:
-    """`user` without its last `n` retrieved passages (`ter-0: …` lines, listed best first).
-
-    A passage runs to the next one; the last runs to the blank line that ends the list.
-    """
-    starts = [m.start() for m in PASSAGE_START.finditer(user)]
-    if n <= 0 or not starts:
-        return user
-    blank = user.find("\n\n", starts[-1])
-    end = blank if blank >= 0 else len(user)
-    keep = max(0, len(starts) - n)
-    cut_from = starts[keep] if keep < len(starts) else end
-    return (user[:cut_from].rstrip("\n") if keep else user[:cut_from]) + user[end:]
-
-
-@dataclass
-class Plan:
-    """A parsed plan step. `valid` is False with a `reason` for malformed text; never an exception."""
-    valid: bool
-    reason: str = ""
-    thought: str = ""
-    sub_question: str = ""
-    experts: list[str] = field(default_factory=list)  # canonical names, in the order written
-    stop: bool = False  # None/None: enough information, go to the final answer
-
-
-@dataclass
-class Answer:
-    valid: bool
-    reason: str = ""
-    thought: str = ""
-    answer: str = ""
-
-
-# The protocol as a grammar. A plan is exactly
-#     <think>T</think> <sub-question>S</sub-question> <ret>R</ret>
-# and a sub-answer or final answer exactly <think>T</think> <answer>A</answer>: each tag once and in
-# that order, only whitespace around the tags, no protocol tag inside a field, and every field
-# non-empty once whitespace, control and format (zero-width) characters are removed; those are also
-# removed from what is kept. Tags match case-insensitively (the release lower-cases the whole output
-# before parsing); contents keep their case. One pass over the tags: linear in the text's length.
-# The release searches each tag anywhere in the text and takes the first match. That is looser:
-# text around the tags, repeated or reordered tags, a tag inside another field (a <ret> inside
-# <think> decided the routing) and empty fields were all accepted. Here they are not, so that what
-# a reward credits is exactly the protocol. Nothing the release rejects is accepted here.
-
-PROTOCOL_TAG = re.compile(r"</?(?:think|sub-question|ret|answer)>", re.I)
-
-
-def _invisible_characters() -> re.Pattern:
-    """A character class of Unicode's control (Cc) and format (Cf) characters, but newline and tab.
-
-    Cf holds the zero-width space, joiners, BOM and bidi marks; every one lies in the planes scanned.
-    """
-    planes = itertools.chain(range(0x20000), range(0xE0000, 0xE1000))
-    points = [p for p in planes if unicodedata.category(chr(p)) in ("Cc", "Cf") and chr(p) not in "\n\t"]
-    runs = [list(g) for _, g in itertools.groupby(points, key=lambda p, c=itertools.count(): p - next(c))]
-    return re.compile("[" + "".join(f"{re.escape(chr(r[0]))}-{re.escape(chr(r[-1]))}" for r in runs) + "]")
-
-
-INVISIBLE = _invisible_characters()
-
-
-def _visible(text: str) -> str:
-    """`text` without control and format characters (NUL, zero-width space, BOM, …)."""
-    if text.replace("\n", "").replace("\t", "").isprintable():  # none there: the common case, 20x faster
-        return text
-    return INVISIBLE.sub("", text)
-
-
-def protocol_fields(text: str, names: tuple[str, ...]) -> tuple[list[str] | None, str]:
-    """The contents of tags `names`, in that order, or (None, why the text breaks the grammar)."""
-    text = _visible(text)  # first, so that no tag hides behind a zero-width character
-    expected = [f"{edge}{name}>" for name in names for edge in ("<", "</")]
-    found = list(itertools.islice(PROTOCOL_TAG.finditer(text), len(expected) + 1))
-    written = [m.group(0).lower() for m in found]
-    if written != expected:
-        absent = [tag for tag in expected if tag not in written]
-        if absent and len(written) <= len(expected):
-            return None, "missing " + ", ".join(absent)
-        return None, f"tags must be {''.join(expected)}, each once, in order; got {''.join(written)[:120]}"
-    outside = [text[:found[0].start()], text[found[-1].end():]] + \
-        [text[found[i].end():found[i + 1].start()] for i in range(1, len(found) - 1, 2)]
-    if any(piece.strip() for piece in outside):
-        return None, "text outside the protocol tags"
-    contents = [text[found[i].end():found[i + 1].start()].strip() for i in range(0, len(found), 2)]
-    empty = [f"<{name}>" for name, content in zip(names, contents) if not content]
-    if empty:
-        return None, "empty " + ", ".join(empty)
-    return contents, ""
-
-
-def _is_none(value: str) -> bool:
-    return value.strip().strip(".'\"`").lower() == "none"
-
-
-def parse_plan(text: str, expert_names) -> Plan:
-    """Parse `<think>…</think><sub-question>…</sub-question><ret>…</ret>` (the grammar above).
-
-    `ret` may name several experts separated by commas (the release queries them all; rewards
-    credit only a single right one); every name must be a configured expert.
-    """
-    if not isinstance(text, str):
-        return Plan(False, f"output is {type(text).__name__}, not text")
-    fields, reason = protocol_fields(text, ("think", "sub-question", "ret"))
-    if fields is None:
-        return Plan(False, reason)
-    thought, sub_question, ret = fields
-    if _is_none(sub_question) and _is_none(ret):
-        return Plan(True, thought=thought, stop=True)
-    if _is_none(sub_question) or _is_none(ret):
-        return Plan(False, "sub-question and ret must both be None to stop", thought=thought)
-    known = {name.lower(): name for name in expert_names}
-    written = [part.strip() for part in ret.split(",")]
-    unknown = [name for name in written if name.lower() not in known]
-    if unknown:
-        return Plan(False, f"unknown expert(s) {unknown}; known: {list(expert_names)}",
-                    thought=thought, sub_question=sub_question)
-    experts = list(dict.fromkeys(known[name.lower()] for name in written))
-    return Plan(True, thought=thought, sub_question=sub_question, experts=experts)
-
-
-def parse_answer(text: str) -> Answer:
-    """Parse `<think>…</think><answer>…</answer>` (the grammar above)."""
-    if not isinstance(text, str):
-        return Answer(False, f"output is {type(text).__name__}, not text")
-    fields, reason = protocol_fields(text, ("think", "answer"))
-    if fields is None:
-        return Answer(False, reason)
-    return Answer(True, thought=fields[0], answer=fields[1])
 
 
 # ----------------------------------------------------------------------------------------------

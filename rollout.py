@@ -15,7 +15,6 @@ An expert that raises becomes a failed ExpertCall with the error, and its passag
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -25,9 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 import more
+import protocol
 from config import load_config, run_command
-from data import Question, ensure_world
-from experts import EXPERT_NAMES, Query, build_experts
+from data import Question
+from experts import EXPERT_NAMES, Query, build_experts, write_jsonl
+from protocol import StepPrompt
+from world import ensure_world
 
 # ----------------------------------------------------------------------------------------------
 # Where the time goes. The method's code marks its phases (`with phase("generation"):`); a caller
@@ -134,11 +136,15 @@ class Trajectory:
         return asdict(self)
 
 
-@dataclass
-class StepPrompt:
-    system: str
-    user: str
-    image: str | None
+def retrieving_plans(trajectory: Trajectory, hops: list) -> list[Step]:
+    """The valid plans that retrieve while a gold hop (data.Hop) is left: those routing is judged on."""
+    return [s for s in trajectory.steps if s.kind == "plan" and s.valid and not s.stop and s.hop < len(hops)]
+
+
+def routed_right(trajectory: Trajectory, hops: list) -> list[bool]:
+    """Per retrieving plan whose hop some expert can answer: is its single expert one of the hop's
+    gold experts (what the plan reward credits)? Hops no expert can answer are left out."""
+    return [hops[s.hop].routed_by(s.experts) for s in retrieving_plans(trajectory, hops) if hops[s.hop].gold_experts]
 
 
 # A sampler turns step prompts into (prompt ids, completion) pairs; `policy_sampler` is the real one.
@@ -156,7 +162,7 @@ def policy_sampler(policy: more.Policy, cfg) -> Sampler:
     def sample(prompts: list[StepPrompt], kind: str):
         with phase("prompt encoding"):
             encoded = [more.encode_prompt(policy.processor,
-                                          more.render_prompt(p.system, p.user, p.image is not None), p.image)
+                                          protocol.render_prompt(p.system, p.user, p.image is not None), p.image)
                        for p in prompts]
         with phase("generation"):
             completions = more.sample(policy, encoded, kind, budgets[kind], cfg.temperature, cfg.top_p, cfg.top_k)
@@ -177,25 +183,26 @@ class _State:
     retrieving: bool = True
 
 
-def rollout(sampler: Sampler, experts: list, questions: list, group_size: int, max_steps: int = 3,
-            retrieve_k: int = 10, show_k: int = 5, image_root: str | Path | None = None,
-            router: Router | None = None) -> list[Trajectory]:
-    """G trajectories for each question (B×G in every batched call); questions are data.Question.
+def rollout(sampler: Sampler, experts: list, questions: list, cfg, group_size: int = 1,
+            image_root: str | Path | None = None, router: Router | None = None) -> list[Trajectory]:
+    """`group_size` trajectories for each question (data.Question), all of them in every batched call.
 
-    `router`, when given, overrides what each valid plan asks and of whom (evaluation baselines).
+    From the config: `max_steps` retrieval rounds, `retrieve_k` hits per expert call, `show_k` of
+    them shown to the sub-answer step. `router`, when given, overrides what each valid plan asks and
+    of whom (evaluation baselines).
     """
     states = [_State(Trajectory(q.qid, g, q.question, image_path(q.image, image_root), golds=list(q.answers)),
                      list(q.hops)) for q in questions for g in range(group_size)]
-    plan_system = more.plan_system_prompt(experts)
-    for hop in range(max_steps):
+    plan_system = protocol.plan_system_prompt(experts)
+    for hop in range(cfg.max_steps):
         active = [s for s in states if s.retrieving]
         if not active:
             break
         planned = _plan_round(sampler, active, experts, plan_system, hop, router)
         if planned:
             with phase("expert calls"):
-                passages = _call_experts(experts, planned, hop, retrieve_k)
-            _answer_round(sampler, planned, passages, hop, show_k)
+                passages = _call_experts(experts, planned, hop, cfg.retrieve_k)
+            _answer_round(sampler, planned, passages, hop, cfg.show_k)
     _final_round(sampler, states)
     return [s.trajectory for s in states]
 
@@ -211,14 +218,14 @@ def plan_step(text: str, kind_of: dict[str, str], prompt_ids=(), completion_ids=
               hop: int = 0) -> Step:
     """A plan completion read into its Step: valid or why not, sub-question, the expert kinds it
     names (`kind_of` maps each expert's name to its kind), and whether it stops."""
-    plan = more.parse_plan(text, list(kind_of))
+    plan = protocol.parse_plan(text, list(kind_of))
     return Step("plan", list(prompt_ids), list(completion_ids), list(logprobs), text, plan.valid, plan.reason,
                 plan.sub_question, [kind_of[n] for n in plan.experts], plan.stop, hop=hop)
 
 
 def _plan_round(sampler, active, experts, plan_system, hop, router=None):
     """Plan step for every active trajectory; returns those that chose experts."""
-    prompts = [StepPrompt(plan_system, more.history_text(s.trajectory.question, s.hops), s.trajectory.image)
+    prompts = [StepPrompt(plan_system, protocol.history_text(s.trajectory.question, s.hops), s.trajectory.image)
                for s in active]
     kind_of = {e.name: e.kind for e in experts}
     planned = []
@@ -280,10 +287,10 @@ def _answer_round(sampler, planned, passages, hop, show_k):
         for hit in hits:
             by_expert.setdefault(hit.expert, []).append(hit)
         shown = [h for kind in plan.experts for h in by_expert.get(kind, [])[:show_k]]
-        prompts.append(StepPrompt(more.ANSWER_SYSTEM_PROMPT, more.answer_user_text(plan.sub_question, shown),
+        prompts.append(StepPrompt(protocol.ANSWER_SYSTEM_PROMPT, protocol.answer_user_text(plan.sub_question, shown),
                                   state.trajectory.image))
     for state, (prompt_ids, completion) in zip(planned, sampler(prompts, "answer")):
-        parsed = more.parse_answer(completion.text)
+        parsed = protocol.parse_answer(completion.text)
         plan = state.trajectory.steps[-1]
         state.trajectory.steps.append(Step("answer", prompt_ids, completion.ids, completion.logprobs, completion.text,
                                            parsed.valid, parsed.reason, answer=parsed.answer, hop=hop))
@@ -294,10 +301,10 @@ def _answer_round(sampler, planned, passages, hop, show_k):
 
 
 def _final_round(sampler, states):
-    prompts = [StepPrompt(more.FINAL_SYSTEM_PROMPT, more.final_user_text(s.trajectory.question, s.hops),
+    prompts = [StepPrompt(protocol.FINAL_SYSTEM_PROMPT, protocol.final_user_text(s.trajectory.question, s.hops),
                           s.trajectory.image) for s in states]
     for state, (prompt_ids, completion) in zip(states, sampler(prompts, "final")):
-        parsed = more.parse_answer(completion.text)
+        parsed = protocol.parse_answer(completion.text)
         state.trajectory.steps.append(Step("final", prompt_ids, completion.ids, completion.logprobs, completion.text,
                                            parsed.valid, parsed.reason, answer=parsed.answer, hop=len(state.hops)))
         state.trajectory.final_answer = parsed.answer
@@ -328,10 +335,8 @@ def training_batch(policy: more.Policy, steps: list[Step], images: list[str | No
 
 def write_traces(path: str | Path, trajectories: list[Trajectory], step: int | None = None) -> None:
     """Append trajectories as JSON lines; `step` (the training update) lets a resume drop later rows."""
-    with open(path, "a", encoding="utf-8") as f:
-        for t in trajectories:
-            row = t.to_json() if step is None else {"step": step, **t.to_json()}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(path, [t.to_json() if step is None else {"step": step, **t.to_json()} for t in trajectories],
+                append=True)
 
 
 def format_trace(t: Trajectory, max_hits: int = 3) -> str:
@@ -359,8 +364,7 @@ def answer_question(cfg, question: str, image: str | None = None, checkpoint: st
     ensure_world(cfg)
     experts = build_experts(cfg)
     policy = more.load_policy(cfg, adapter_dir=checkpoint)
-    trajectory = rollout(policy_sampler(policy, cfg), experts, [Question("cli", "0", question, [], image)],
-                         group_size=1, max_steps=cfg.max_steps, retrieve_k=cfg.retrieve_k, show_k=cfg.show_k)[0]
+    trajectory = rollout(policy_sampler(policy, cfg), experts, [Question("cli", "0", question, [], image)], cfg)[0]
     print(format_trace(trajectory))
     return trajectory
 

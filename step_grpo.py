@@ -1,20 +1,18 @@
-"""Step-GRPO: stepwise rewards, group-relative advantages, the clipped loss with KL to the reference,
-and a resumable training loop.
+"""Step-GRPO: group-relative advantages over stepwise rewards, the clipped loss with KL to the
+reference, and a resumable training loop.
 
   python step_grpo.py --config tiny.json [--key value …] [--resume]
 
-Read top to bottom: config → rewards → advantages → the loss → the warm start → the loop →
-checkpoints → the command. Formulas cite their sources; docs/PROTOCOL.md holds the released protocol.
+Read top to bottom: advantages → the loss → the update → the warm start → one update in each
+mode → the loop → the command. The rewards are in rewards.py, checkpoints in checkpoint.py.
+Formulas cite their sources; docs/PROTOCOL.md holds the released protocol.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -23,91 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
 import more
+import protocol
 import rollout
-from config import (Config, ConfigError, UserError, add_config_arguments, load_config, resume_differences,
-                    run_command, underscored, unknown_option)
-from eval import score
-from experts import EXPERT_NAMES, build_experts
-from rollout import StepPrompt, phase
-
-# ----------------------------------------------------------------------------------------------
-# Rewards, step by step (docs/PROTOCOL.md, "Rewards"). Missing tags give 0.
-
-
-def answer_reward(prediction: str, golds: list[str], rule: str = "recall") -> float:
-    """The reward of a sub-answer or final answer against its golds, by `rule` (config answer_reward).
-
-    'recall', the release's: token recall of the best-F1 gold (the official F1-Recall); with one
-    gold of at most 5 words, or several golds, all-or-nothing (1 when the recall is 1). Recall pays
-    for length: an answer that pastes every passage shown contains most gold words.
-    'f1': the best token F1 over the golds. Precision enters, so a pasted passage, a pasted history
-    or "A or B" scores well below the gold itself (bench.py rewards measures both rules).
-    """
-    if not prediction or not golds:
-        return 0.0
-    result = score(prediction, [str(g) for g in golds])
-    if rule == "f1":
-        return result.f1
-    if len(golds) > 1 or len(str(golds[0]).split()) <= 5:
-        return float(result.recall == 1.0)
-    return result.recall
-
-
-def plan_reward(step, gold_hop, similarity, cfg) -> float:
-    """w_route · [exactly one expert, and it is in the hop's gold-expert set] + w_subq · cos(sub-q, gold sub-q).
-
-    `gold_hop` is the data.Hop this plan should retrieve for, or None when no gold hop is left.
-    The release credits the one expert its teacher chose; the gold-expert set here is every expert
-    whose top-k for the gold sub-question holds the evidence (data.label_gold_experts, the
-    all-expert probe). Routing is credited apart from the sub-question's wording, which the
-    similarity term scores; whether the policy's own sub-question found the evidence is the
-    `evidence_found` metric. Stopping (None/None) earns 1 when no gold hop is left, 0 when one is.
-    """
-    if not step.valid:
-        return 0.0
-    if step.stop:
-        return float(gold_hop is None)
-    if gold_hop is None:
-        return 0.0  # retrieving when the gold plan says stop
-    routed = gold_hop.routed_by(step.experts)
-    return cfg.w_route * float(routed) + cfg.w_subq * max(0.0, similarity(step.sub_question, gold_hop.sub_question))
-
-
-class SubQuestionSimilarity:
-    """cos(emb(a), emb(b)) with the configured text encoder (the release: BGE-M3).
-
-    Through the encoder's query memory: the experts have just encoded the policy's sub-questions.
-    """
-
-    def __init__(self, encoder):
-        self.encoder = encoder
-
-    def __call__(self, a: str, b: str) -> float:
-        vectors = self.encoder.encode_queries([a, b])
-        return float(np.dot(vectors[0], vectors[1]))
-
-
-def trajectory_rewards(trajectory, gold_hops, similarity, cfg) -> tuple[list[float], float]:
-    """The reward of every step of a trajectory, and its outcome (final-answer) reward."""
-    rewards = []
-    for step in trajectory.steps:
-        if step.kind == "plan":
-            rewards.append(plan_reward(step, gold_hops[step.hop] if step.hop < len(gold_hops) else None,
-                                       similarity, cfg))
-        elif step.kind == "answer":
-            gold = [gold_hops[step.hop].sub_answer] if step.hop < len(gold_hops) else []
-            rewards.append(answer_reward(step.answer, gold, cfg.answer_reward) if step.valid else 0.0)
-        else:
-            rewards.append(answer_reward(trajectory.final_answer, trajectory.golds, cfg.answer_reward)
-                           if step.valid else 0.0)
-    return rewards, rewards[-1]
-
+import world
+from checkpoint import (checkpoint_to_resume, drop_rows_after, read_training_state, restore_training_state,
+                        save_checkpoint)
+from config import Config, UserError, add_config_arguments, load_config, run_command, underscored, unknown_option
+from experts import build_experts, write_jsonl
+from metric import score
+from rewards import SubQuestionSimilarity, official_step_reward, trajectory_rewards
+from rollout import phase
 
 # ----------------------------------------------------------------------------------------------
 # Group-relative advantages. GRPO (Shao et al. 2024, DeepSeekMath, §4.1.2, outcome supervision):
@@ -308,33 +235,11 @@ def _trainable(policy) -> list[torch.nn.Parameter]:
 # Warm start: supervised steps on gold completions, for a policy that cannot yet write the protocol.
 
 
-def step_prompt(sample, tokenizer=None, cfg=None) -> tuple[StepPrompt, int]:
-    """(system, user text, image) of an official step, capped at cfg.max_prompt_tokens; and how
-    many passages the cap cut.
-
-    The rule: passages are dropped from the last (the lowest ranked) until the prompt fits; its
-    tokens are those of the rendered text plus, with an image, the most an image can take
-    (max_pixels / 28²). A prompt still too long without passages is kept whole: the question and
-    history are the step itself. Without a tokenizer or with the cap at 0, nothing is cut.
-    """
-    text = "".join(p["text"] for p in sample.parts if p["type"] == "text")
-    images = [p["image"] for p in sample.parts if p["type"] == "image"]
-    prompt = StepPrompt(sample.system, text, images[0] if images else None)
-    if tokenizer is None or cfg is None or not cfg.max_prompt_tokens:
-        return prompt, 0
-    image_tokens = cfg.max_pixels // (28 * 28) if prompt.image else 0
-    length = lambda user: len(tokenizer(more.render_prompt(prompt.system, user, False))["input_ids"]) + image_tokens
-    cut, passages = 0, more.count_passages(text)
-    while cut < passages and length(more.drop_last_passages(text, cut)) > cfg.max_prompt_tokens:
-        cut += 1
-    return StepPrompt(prompt.system, more.drop_last_passages(text, cut), prompt.image), cut
-
-
 def sft_update(policy, optimizer, samples, cfg) -> float:
     """One supervised step on official steps (data.StepSample) and their gold completions."""
     tok = policy.tokenizer
-    prompts = [step_prompt(sample, tok, cfg)[0] for sample in samples]
-    encoded = [more.encode_prompt(policy.processor, more.render_prompt(p.system, p.user, p.image is not None), p.image)
+    prompts = [data.step_prompt(sample, tok, cfg)[0] for sample in samples]
+    encoded = [more.encode_prompt(policy.processor, protocol.render_prompt(p.system, p.user, p.image is not None), p.image)
                for p in prompts]
     targets = [tok(data.gold_completion(sample) + "<|im_end|>", add_special_tokens=False)["input_ids"] for sample in samples]
     return supervised_update(policy, optimizer, [e.ids for e in encoded], targets, [p.image for p in prompts], cfg)
@@ -362,8 +267,8 @@ def online_step(policy, experts, questions, similarity, cfg, rng_seed: int):
     """G live trajectories per question → stepwise rewards → advantages (the samples of one update)."""
     torch.manual_seed(rng_seed)
     policy.model.eval()
-    trajectories = rollout.rollout(rollout.policy_sampler(policy, cfg), experts, questions, cfg.group_size,
-                                   cfg.max_steps, cfg.retrieve_k, cfg.show_k, image_root=cfg.world_dir)
+    trajectories = rollout.rollout(rollout.policy_sampler(policy, cfg), experts, questions, cfg, cfg.group_size,
+                                   image_root=cfg.world_dir)
     samples, rewards_by_kind, zero_std, groups = [], defaultdict(list), 0, 0
     for qi, question in enumerate(questions):
         group = trajectories[qi * cfg.group_size:(qi + 1) * cfg.group_size]
@@ -386,7 +291,7 @@ def steps_mode_step(policy, step_samples, similarity, cfg, rng_seed: int):
     torch.manual_seed(rng_seed)
     policy.model.eval()
     G = cfg.group_size
-    capped = [step_prompt(s, policy.tokenizer, cfg) for s in step_samples]
+    capped = [data.step_prompt(s, policy.tokenizer, cfg) for s in step_samples]
     prompts = [prompt for prompt, _ in capped for _ in range(G)]
     samples, rewards_by_kind, zero_std = [], defaultdict(list), 0
     by_kind = defaultdict(list)
@@ -424,203 +329,6 @@ def grpo_step(policy, optimizer, experts, similarity, questions, step_samples, c
         return [], samples, rewards, zero_std, {**policy_update(policy, optimizer, samples, cfg),
                                                 "passages_cut": cut}
     return trajectories, samples, rewards, zero_std, policy_update(policy, optimizer, samples, cfg)
-
-
-def step_file_hop(gold: dict):
-    """A step file's plan gold as the data.Hop that plan_reward scores against; None when it says stop.
-
-    Its gold experts are the named ones: the teacher's single choice in the release's files, every
-    expert that holds the evidence in the mini world's (data.label_gold_experts).
-    """
-    names = {str(name).lower() for name in gold["retriever"]}
-    if names == {"none"}:
-        return None
-    kinds = {name.lower(): kind for kind, name in EXPERT_NAMES.items()}
-    return data.Hop(str(gold["query"]), "", [], gold_experts=[kinds[n] for n in sorted(names) if n in kinds])
-
-
-def official_step_reward(gold, text: str, similarity, cfg) -> float:
-    """The reward of a completion for a step file's step (data.StepSample): a plan is scored by
-    plan_reward against the step's gold as a Hop; an answer by answer_reward."""
-    if gold.kind == "plan":
-        kind_of = {name: kind for kind, name in EXPERT_NAMES.items()}
-        return plan_reward(rollout.plan_step(text, kind_of), step_file_hop(gold.gold), similarity, cfg)
-    parsed = more.parse_answer(text)
-    golds = [gold.gold] if gold.kind == "answer" else list(gold.gold)
-    return answer_reward(parsed.answer, golds, cfg.answer_reward) if parsed.valid else 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints hold no pickle: the adapter and every tensor of the optimiser and RNG states in
-# safetensors, the rest (step, schedule, hyper-parameters, the config) in JSON, and a manifest with
-# each file's sha256 (more.write_manifest), checked before anything is read. A checkpoint is
-# written to a temporary folder and renamed into place; `latest` is replaced atomically after the
-# rename, and only then are old checkpoints pruned. A process killed at any moment leaves the
-# previous checkpoint or the new one, never half of one.
-
-TRAIN_CONFIG = "train_config.json"  # not config.json, which names a Hugging Face model config
-
-
-def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, step: int, cfg) -> Path:
-    root = out_dir / "checkpoints"
-    final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    policy.model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    policy.processor.save_pretrained(tmp / "adapter")  # so that the adapter loads from anywhere
-    tensors, values = training_state(optimizer, scheduler, step)
-    save_file(tensors, tmp / "training_state.safetensors")
-    (tmp / "training_state.json").write_text(json.dumps(values))
-    (tmp / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    more.write_manifest(tmp)
-    _fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "latest")
-    prune_checkpoints(root, cfg.keep_checkpoints)
-    return final
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (0 keeps all), never the one `latest` names.
-
-    A folder is renamed out of the step-N namespace before it is deleted, so a kill mid-delete
-    leaves a *.trash folder (removed next time), never a half-deleted checkpoint.
-    """
-    for trash in root.glob("*.trash"):
-        shutil.rmtree(trash, ignore_errors=True)
-    if not keep:
-        return
-    latest = more.latest_checkpoint(root.parent)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and more.CHECKPOINT_NAME.fullmatch(p.name))
-    for old in folders[:-keep]:
-        if old != latest:
-            trash = old.with_name(old.name + ".trash")
-            os.replace(old, trash)
-            shutil.rmtree(trash)
-
-
-def training_state(optimizer, scheduler, step: int) -> tuple[dict, dict]:
-    """The optimiser, scheduler and RNG states as (tensors for safetensors, values for JSON)."""
-    saved = optimizer.state_dict()
-    tensors, optimizer_values = {}, {}
-    for index, entries in saved["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().contiguous()
-            else:
-                optimizer_values[f"{index}.{name}"] = value
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
-    version, internal, gauss_next = random.getstate()
-    return tensors, {"step": step, "param_groups": saved["param_groups"], "optimizer": optimizer_values,
-                     "scheduler": scheduler.state_dict(), "numpy_rng": [kind, position, has_gauss, gauss],
-                     "python_rng": [version, list(internal), gauss_next]}
-
-
-def read_training_state(checkpoint: Path, tensors: bool = True) -> tuple[dict, dict]:
-    """(tensors, values) of a checkpoint whose manifest has been verified; refuses a malformed file.
-
-    With `tensors=False` the safetensors header alone is read and checked (no tensor is loaded):
-    enough to learn the step before anything else is done.
-    """
-    path = checkpoint / "training_state.safetensors"
-    try:
-        if tensors:
-            loaded = load_file(path)
-        else:
-            with safe_open(path, "pt") as f:
-                loaded = dict.fromkeys(f.keys())
-    except Exception as err:  # safetensors raises its own error type for a bad header
-        raise more.CheckpointError(f"{path}: not a valid safetensors file ({err})") from None
-    try:
-        values = json.loads((checkpoint / "training_state.json").read_text())
-        values["step"], values["param_groups"], values["python_rng"]  # noqa: B018 - the keys must exist
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise more.CheckpointError(f"{checkpoint / 'training_state.json'}: unreadable ({err})") from None
-    return loaded, values
-
-
-def restore_training_state(checkpoint: Path, optimizer, scheduler, restore_optimizer: bool = True) -> int:
-    """Load optimiser, schedule and RNG states; returns the step the checkpoint was saved after."""
-    tensors, values = read_training_state(checkpoint)
-    if restore_optimizer:
-        state = defaultdict(dict)
-        for key, tensor in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state[int(index)][name] = tensor
-        for key, value in values["optimizer"].items():
-            index, name = key.split(".", 1)
-            state[int(index)][name] = value
-        optimizer.load_state_dict({"state": dict(state), "param_groups": values["param_groups"]})
-        scheduler.load_state_dict(values["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available() and "rng.cuda.0" in tensors:
-        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
-    kind, position, has_gauss, gauss = values["numpy_rng"]
-    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = values["python_rng"]
-    random.setstate((version, tuple(internal), gauss_next))
-    return values["step"]
-
-
-def checkpoint_to_resume(cfg: Config, out_dir: Path) -> Path | None:
-    """The verified checkpoint a resumed run continues from, or None (killed before its first one).
-
-    Refuses a config that differs from the checkpoint's in a field that changes the model, the
-    data stream or the optimiser state (config.SAFE_ON_RESUME lists the others), naming each.
-    """
-    checkpoint = more.latest_checkpoint(out_dir)
-    if checkpoint is None:
-        print(f"--resume: no checkpoint in {out_dir / 'checkpoints'} yet; starting from update 0")
-        return None
-    more.verify_manifest(checkpoint)
-    try:
-        saved = json.loads((checkpoint / TRAIN_CONFIG).read_text())
-    except ValueError:
-        raise more.CheckpointError(f"{checkpoint / TRAIN_CONFIG}: not valid JSON") from None
-    refused, allowed = resume_differences(saved, cfg)
-    if refused:
-        raise ConfigError(f"--resume from {checkpoint} refused; these fields differ from the checkpoint's: "
-                          + "; ".join(refused))
-    for line in allowed:
-        print(f"--resume: {line} (allowed)")
-    return checkpoint
-
-
-def drop_rows_after(path: Path, last_step: int) -> int:
-    """Keep the JSONL rows of steps ≤ last_step (a killed run's later rows would repeat); atomic.
-
-    Returns how many rows were dropped; a torn last line from a kill is dropped too.
-    """
-    if not path.exists():
-        return 0
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if _row_step(line) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
-    return len(lines) - len(kept)
-
-
-def _row_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,12 +387,9 @@ def routing_stats(trajectories, hops_by_id: dict) -> dict:
     sub-question held the evidence (the live probe)."""
     routed, found = [], []
     for t in trajectories:
-        hops = hops_by_id[t.question_id]
-        for s in t.steps:
-            if s.kind == "plan" and s.valid and not s.stop and s.hop < len(hops):
-                if hops[s.hop].gold_experts:
-                    routed.append(hops[s.hop].routed_by(s.experts))
-                found.append(len(s.experts) == 1 and s.probe.get(s.experts[0], False))
+        routed += rollout.routed_right(t, hops_by_id[t.question_id])
+        found += [len(s.experts) == 1 and s.probe.get(s.experts[0], False)
+                  for s in rollout.retrieving_plans(t, hops_by_id[t.question_id])]
     return {"routing_accuracy": float(np.mean(routed)) if routed else 0.0,
             "evidence_found": float(np.mean(found)) if found else 0.0}
 
@@ -693,8 +398,8 @@ def evaluate(policy, experts, questions, cfg) -> dict:
     """Greedy rollouts on held-out questions: answer recall, routing accuracy, evidence found, valid plans."""
     greedy = dataclasses.replace(cfg, temperature=0.0)
     policy.model.eval()
-    trajectories = rollout.rollout(rollout.policy_sampler(policy, greedy), experts, questions, 1, cfg.max_steps,
-                                   cfg.retrieve_k, cfg.show_k, image_root=cfg.world_dir)
+    trajectories = rollout.rollout(rollout.policy_sampler(policy, greedy), experts, questions, cfg,
+                                   image_root=cfg.world_dir)
     plans = [s for t in trajectories for s in t.steps if s.kind == "plan"]
     routing = routing_stats(trajectories, {q.qid: q.hops for q in questions})
     return {"eval_recall": float(np.mean([score(t.final_answer, t.golds).recall for t in trajectories])),
@@ -749,17 +454,17 @@ def load_step_samples(cfg: Config) -> list:
 
 def load_run(cfg: Config, checkpoint: Path | None) -> Run:
     """The world (built on first use), the policy (from the checkpoint's adapter), experts and data."""
-    data.ensure_world(cfg)
+    world.ensure_world(cfg)
     step_samples = load_step_samples(cfg)  # before anything is written: a missing image stops here
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     policy = more.load_policy(cfg, adapter_dir=str(checkpoint / "adapter") if checkpoint else None)
     experts = build_experts(cfg)
-    world = Path(cfg.world_dir)
-    questions = data.load_questions(world / "questions_train.jsonl")
+    folder = Path(cfg.world_dir)
+    questions = data.load_questions(folder / "questions_train.jsonl")
     return Run(cfg, out_dir, policy, experts, SubQuestionSimilarity(experts[0].text_encoder), step_samples,
-               questions, data.load_questions(world / "questions_validation.jsonl")[:cfg.eval_questions],
+               questions, data.load_questions(folder / "questions_validation.jsonl")[:cfg.eval_questions],
                {q.qid: q.hops for q in questions})
 
 
@@ -802,8 +507,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> P
         grpo_number = step - cfg.sft_steps + 1
         if cfg.eval_every and step >= cfg.sft_steps and (grpo_number % cfg.eval_every == 0 or step == total - 1):
             row.update(evaluate(run.policy, run.experts, run.held_out, cfg))
-        with open(run.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_jsonl(run.out_dir / "metrics.jsonl", [row], append=True)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("sft_loss", "reward_final", "reward_plan", "kl") if k in row})
         stopping = stop_after is not None and step + 1 >= stop_after
         if (step + 1) % cfg.save_every == 0 or step == total - 1 or stopping:

@@ -55,9 +55,9 @@ def random_image(seed: int, size=(56, 56)):
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A small mini world with indexes, labels and step files (seed 3, 15 towns, 6 questions per kind)."""
-    import data
+    from world import build_world
     out = tmp_path_factory.mktemp("world")
-    data.build_world(out, seed=3, n_towns=15, per_kind=6)
+    build_world(out, seed=3, n_towns=15, per_kind=6)
     return out
 
 

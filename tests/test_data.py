@@ -7,6 +7,7 @@ import pytest
 
 import data
 from conftest import SAMPLES
+from world import QUESTION_KINDS, build_world, label_gold_experts, write_world
 
 # ------------------------------------------------------------------------------------ official files
 
@@ -55,22 +56,22 @@ def tree_digest(folder: Path, skip=("index.bin",)) -> dict:
 
 
 def test_world_is_byte_identical_for_a_seed(tmp_path):
-    data.write_world(tmp_path / "a", seed=5, n_towns=10, per_kind=4)
-    data.write_world(tmp_path / "b", seed=5, n_towns=10, per_kind=4)
-    data.write_world(tmp_path / "c", seed=6, n_towns=10, per_kind=4)
+    write_world(tmp_path / "a", seed=5, n_towns=10, per_kind=4)
+    write_world(tmp_path / "b", seed=5, n_towns=10, per_kind=4)
+    write_world(tmp_path / "c", seed=6, n_towns=10, per_kind=4)
     digest_a = tree_digest(tmp_path / "a")
     assert digest_a == tree_digest(tmp_path / "b") and digest_a != tree_digest(tmp_path / "c")
 
 
 def test_labelled_world_files_are_identical_for_a_seed(world, tmp_path):
-    data.build_world(tmp_path, seed=3, n_towns=15, per_kind=6)
+    build_world(tmp_path, seed=3, n_towns=15, per_kind=6)
     assert tree_digest(world) == tree_digest(tmp_path)
 
 
 def test_every_kind_in_every_split_and_no_shared_questions(world):
     splits = {name: data.load_questions(world / f"questions_{name}.jsonl") for name in ("train", "validation", "test")}
     for questions in splits.values():
-        assert {q.kind for q in questions} == set(data.QUESTION_KINDS)
+        assert {q.kind for q in questions} == set(QUESTION_KINDS)
     texts = [{(q.question, tuple(h.sub_question for h in q.hops)) for q in qs} for qs in splits.values()]
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
     assert {len(q.hops) for qs in splits.values() for q in qs} == {1, 2, 3}
@@ -104,7 +105,7 @@ def test_labels_change_when_an_expert_loses_the_evidence(world):
     from experts import Expert
     text_only = [Expert.load(world / "indexes" / "text")]
     questions = [q for q in data.load_questions(world / "questions_test.jsonl") if q.kind in ("both_fact", "table_number")]
-    data.label_gold_experts(questions, text_only, k=10, image_dir=world)
+    label_gold_experts(questions, text_only, k=10, image_dir=world)
     assert {tuple(q.hops[0].gold_experts) for q in questions if q.kind == "both_fact"} == {("text",)}
     assert {tuple(q.hops[0].gold_experts) for q in questions if q.kind == "table_number"} == {()}
 

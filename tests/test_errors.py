@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-import eval as ev
 import experts
+import metric
 from config import UserError
 from conftest import ROOT, SAMPLES, random_image
 
@@ -184,10 +184,10 @@ def tabfact_rows(n):
 
 def test_score_refuses_repeated_questions_and_partial_files_unless_asked(tmp_path):
     with pytest.raises(UserError, match=r"predictions.jsonl:3: repeats the question of line 1"):
-        ev.score_file("tabfact", predictions(tmp_path, tabfact_rows(2) + tabfact_rows(1)), subset=True)
+        metric.score_file("tabfact", predictions(tmp_path, tabfact_rows(2) + tabfact_rows(1)), subset=True)
     with pytest.raises(UserError, match="2 predictions for the 1000 questions.*--subset"):
-        ev.score_file("tabfact", predictions(tmp_path, tabfact_rows(2)))
-    result = ev.score_file("tabfact", predictions(tmp_path, tabfact_rows(2)), subset=True)
+        metric.score_file("tabfact", predictions(tmp_path, tabfact_rows(2)))
+    result = metric.score_file("tabfact", predictions(tmp_path, tabfact_rows(2)), subset=True)
     assert (result["n"], result["of"], result["recall"]) == (2, 1000, 100.0)
 
 
@@ -195,14 +195,14 @@ def test_score_refuses_repeated_questions_and_partial_files_unless_asked(tmp_pat
 def test_an_infoseek_range_is_validated(tmp_path, bounds):
     row = {"data_id": "x", "answer_eval": [{"range": bounds}], "llm_answer": "1"}
     with pytest.raises(UserError, match="predictions.jsonl:1: field 'answer_eval' range"):
-        ev.score_file("infoseek", predictions(tmp_path, [row]), subset=True)
+        metric.score_file("infoseek", predictions(tmp_path, [row]), subset=True)
 
 
 def test_a_wide_infoseek_range_scores_in_time_independent_of_its_width():
     start = time.perf_counter()
-    golds = ev.golds_of("infoseek", {"answer_eval": [{"range": [0, 1e6]}]}, "", "about 523456 metres")
-    assert ev.score("about 523456 metres", golds).recall == 1.0 and time.perf_counter() - start < 0.1
-    assert ev.score("about 2e6", ev.golds_of("infoseek", {"answer_eval": [{"range": [0, 1e6]}]}, "", "2e6")).recall == 0
+    golds = metric.golds_of("infoseek", {"answer_eval": [{"range": [0, 1e6]}]}, "", "about 523456 metres")
+    assert metric.score("about 523456 metres", golds).recall == 1.0 and time.perf_counter() - start < 0.1
+    assert metric.score("about 2e6", metric.golds_of("infoseek", {"answer_eval": [{"range": [0, 1e6]}]}, "", "2e6")).recall == 0
 
 
 def infoseek_cases(seed: int):
@@ -225,7 +225,7 @@ def test_range_golds_near_the_prediction_score_exactly_as_the_whole_grid():
     checked = 0
     for answer_eval, prediction in infoseek_cases(0):
         row = {"answer_eval": answer_eval}
-        assert ev.score(prediction, ev.golds_of("infoseek", row, "", prediction)) == \
-            ev.score(prediction, ev.golds_of("infoseek", row)), (answer_eval, prediction)
+        assert metric.score(prediction, metric.golds_of("infoseek", row, "", prediction)) == \
+            metric.score(prediction, metric.golds_of("infoseek", row)), (answer_eval, prediction)
         checked += 1
     assert checked >= 900

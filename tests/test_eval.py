@@ -4,90 +4,91 @@ import json
 import pytest
 
 import eval as ev
+import metric
 from conftest import SAMPLES
 
 
 
 def test_newlines_tabs_and_case():
-    assert ev.tokens("  Paris\n\tFrance ") == ("paris", "france")
+    assert metric.tokens("  Paris\n\tFrance ") == ("paris", "france")
 
 
 def test_punctuation_replaced_by_space_when_never_next_to_a_space():
-    assert ev.normalise("new-york") == "new york"
-    assert ev.normalise("a/b") == "a b"
+    assert metric.normalise("new-york") == "new york"
+    assert metric.normalise("a/b") == "a b"
 
 
 def test_punctuation_deleted_everywhere_when_one_occurrence_touches_a_space():
     # "- " occurs once, so every "-" is deleted, the unspaced one in "x-y" too.
-    assert ev.normalise("x-y - z") == "xy z"
+    assert metric.normalise("x-y - z") == "xy z"
 
 
 def test_digit_comma_digit_anywhere_deletes_all_punctuation():
     # "1,000" is digit,digit: so "(" and ")" are deleted, not spaced, even though never near a space.
-    assert ev.normalise("1,000(approx)") == "1000approx"
-    assert ev.normalise("a,b(c)") == "a b c"
+    assert metric.normalise("1,000(approx)") == "1000approx"
+    assert metric.normalise("a,b(c)") == "a b c"
 
 
 def test_periods_deleted_unless_before_a_digit_and_at_most_32():
-    assert ev.normalise("St. Louis 3.5") == "st louis 3.5"
+    assert metric.normalise("St. Louis 3.5") == "st louis 3.5"
     text = "." * 40
-    assert ev.strip_punctuation(text) == "." * 8  # 32 deleted, 8 left
+    assert metric.strip_punctuation(text) == "." * 8  # 32 deleted, 8 left
 
 
 def test_articles_an_and_the_dropped_but_not_a():
-    assert ev.normalise("The cat an owl a dog") == "cat owl a dog"
+    assert metric.normalise("The cat an owl a dog") == "cat owl a dog"
 
 
 def test_number_words_become_digits():
-    assert ev.normalise("Three or none or ten") == "3 or 0 or 10"
+    assert metric.normalise("Three or none or ten") == "3 or 0 or 10"
 
 
 def test_contractions_expanded():
-    assert ev.normalise("dont") == "don't"
-    assert ev.normalise("Whats up") == "what's up"
+    assert metric.normalise("dont") == "don't"
+    assert metric.normalise("Whats up") == "what's up"
 
 
 def test_tokens_drop_punctuation_only_tokens():
-    assert ev.tokens("yes: it's 'ok'") == ("yes", "it", "'s", "ok")
+    assert metric.tokens("yes: it's 'ok'") == ("yes", "it", "'s", "ok")
 
 
 def test_recall_precision_f1_multiset():
-    s = ev.score("paris paris france", ["paris"])
+    s = metric.score("paris paris france", ["paris"])
     assert s.recall == 1.0 and s.f1 == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
 
 
 def test_best_f1_gold_is_kept_and_its_recall_reported():
     # Gold 1: pred {red car} vs {red} → P .5 R 1 F1 .667. Gold 2: {red, car, big} → P 1 R .667 F1 .8.
-    s = ev.score("red car", ["red", "big red car"])
+    s = metric.score("red car", ["red", "big red car"])
     assert s.f1 == pytest.approx(0.8) and s.recall == pytest.approx(2 / 3)
 
 
 def test_ties_keep_the_first_gold():
     # Both golds give F1 2/3; the first (recall 1) is kept, not the second (recall 0.5).
-    s = ev.score("a b", ["a", "a b c d"])
+    s = metric.score("a b", ["a", "a b c d"])
     assert s.f1 == pytest.approx(2 / 3) and s.recall == 1.0
 
 
 def test_empty_prediction_scores_zero():
-    assert ev.score("", ["x"]).recall == 0 and ev.score("   ", ["x"]).f1 == 0
-    assert ev.score("the", ["the"]).recall == 0  # normalises to nothing
+    assert metric.score("", ["x"]).recall == 0 and metric.score("   ", ["x"]).f1 == 0
+    assert metric.score("the", ["the"]).recall == 0  # normalises to nothing
 
 
 def test_exact_match_and_accuracy():
-    s = ev.score("The Eiffel Tower", ["eiffel tower"])
+    s = metric.score("The Eiffel Tower", ["eiffel tower"])
     assert s.exact == 1 and s.accuracy == 1
-    s = ev.score("Eiffel Tower in Paris", ["eiffel tower"])
+    s = metric.score("Eiffel Tower in Paris", ["eiffel tower"])
     assert s.exact == 0 and s.accuracy == 1 and s.recall == 1
 
 
 def test_infoseek_range_grid_and_integers():
-    golds = ev.infoseek_range_golds(6.5, 7.0)  # span < 1: step 0.001
+    golds = metric.infoseek_range_golds(6.5, 7.0)  # span < 1: step 0.001
     assert golds[:3] == ["6.5", "6.501", "6.502"] and "7.0" in golds and "6" in golds and "7" in golds
-    wide = ev.infoseek_range_golds(112.0, 158.0)  # span 46 >= 5: step 0.1
+    wide = metric.infoseek_range_golds(112.0, 158.0)  # span 46 >= 5: step 0.1
     assert "135.3" in wide and "140" in wide
-    assert ev.infoseek_range_golds(0, 100)[:2] == ["0", "1"]  # span >= 50: step 1
+    assert metric.infoseek_range_golds(0, 100)[:2] == ["0", "1"]  # span >= 50: step 1
     row = {"answer_eval": [{"wikidata": 6.75, "range": [6.5, 7.0]}]}
-    assert ev.score("about 6.75 days", ev.golds_of("infoseek", row)).recall == 1.0
+    assert metric.score("about 6.75 days", metric.golds_of("infoseek", row)).recall == 1.0
 
 
 @pytest.mark.parametrize("dataset,file,expected", [
@@ -110,15 +111,15 @@ def test_scoring_errors_name_the_line(tmp_path, capsys):
     path.write_text(json.dumps({"question": "q", "answer": "a", "llm_answer": "a"}) + "\n" +
                     json.dumps({"question": "r", "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: missing field 'llm_answer'"):
-        ev.score_file("tabfact", path, subset=True)
+        metric.score_file("tabfact", path, subset=True)
     with pytest.raises(ValueError, match="unknown dataset 'vqa2'"):
-        ev.score_file("vqa2", path)
+        metric.score_file("vqa2", path)
     path.write_text("")
     with pytest.raises(ValueError, match="empty"):
-        ev.score_file("tabfact", path)
+        metric.score_file("tabfact", path)
     path.write_text(json.dumps({"question": "q", "llm_answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:1: missing field 'answer'"):
-        ev.score_file("webqa", path, subset=True)
+        metric.score_file("webqa", path, subset=True)
     with pytest.raises(SystemExit):
         ev.main(["score", "--dataset", "webqa", "--predictions", str(path), "--subset"])
     assert "eval.py score: error: " in capsys.readouterr().err

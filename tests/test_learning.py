@@ -4,7 +4,7 @@ The task is the plan step's decision, made small: "Origin question: <town>, <cue
 says where the evidence lives (biographies in passages, what a picture shows in the image index,
 populations in tables, as in the mini world). The policy writes a MoRE plan,
 `<think>…</think><sub-question>the <cue></sub-question><ret>Expert</ret>`, and earns the real plan
-reward (step_grpo.plan_reward: format gate, routing credit for exactly one expert from the hop's
+reward (rewards.plan_reward: format gate, routing credit for exactly one expert from the hop's
 gold-expert set, sub-question similarity). Real sampler (more.sample), real loss and optimiser
 (step_grpo.policy_update, make_optimizer), 4-bit QLoRA tiny model, 2 CPU cores.
 
@@ -35,6 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import more  # noqa: E402
+import protocol
+import rewards
 import rollout  # noqa: E402
 import step_grpo as sg  # noqa: E402
 from config import Config, load_config  # noqa: E402
@@ -67,11 +69,11 @@ def completion(question: str, expert: int) -> str:
 
 
 def encode(policy, question: str):
-    return more.encode_prompt(policy.processor, more.render_prompt(SYSTEM, question, False))
+    return more.encode_prompt(policy.processor, protocol.render_prompt(SYSTEM, question, False))
 
 
 def routed_correctly(text: str, gold: int) -> bool:
-    plan = more.parse_plan(text, NAMES)  # strict: a valid plan with exactly one expert, the right one
+    plan = protocol.parse_plan(text, NAMES)  # strict: a valid plan with exactly one expert, the right one
     return plan.valid and plan.experts == [NAMES[gold]]
 
 
@@ -79,7 +81,7 @@ def step_reward(text: str, question: str, gold: int, similarity, cfg) -> float:
     """The real plan reward; the gold hop's sub-question is the cue, its gold-expert set the gold expert."""
     step = rollout.plan_step(text, dict(zip(NAMES, KINDS)))
     hop = data.Hop("the " + cue_of(question), "", [], gold_experts=[KINDS[gold]])
-    return sg.plan_reward(step, hop, similarity, cfg)
+    return rewards.plan_reward(step, hop, similarity, cfg)
 
 
 def warm_start(policy, optimizer, cfg, updates: int, rng: random.Random):
@@ -159,19 +161,19 @@ def learn(model_cache: str, max_warm_updates: int = 600, max_updates: int = 80, 
     if log:
         log(f"after {warm_updates} warm-start updates: taught cues {taught:.2f} greedy; CUES {chance:.2f} sampled, {before:.2f} greedy")
     from experts import TextEncoder
-    similarity = sg.SubQuestionSimilarity(TextEncoder(cfg.text_encoder))
+    similarity = rewards.SubQuestionSimilarity(TextEncoder(cfg.text_encoder))
     optimizer, scheduler = sg.make_optimizer(policy, cfg, "grpo")
-    rewards = []
+    sampled = []
     for step in range(max_updates):
-        rewards.append(grpo_update(policy, optimizer, similarity, cfg, step, rng))
+        sampled.append(grpo_update(policy, optimizer, similarity, cfg, step, rng))
         scheduler.step()
         if (step + 1) % CHECK_EVERY == 0:
             greedy = routing_accuracy(policy, cfg, CUES, greedy=True)
             if log:
-                log(f"update {step + 1}: sampled reward {rewards[-1]:.2f}, greedy accuracy {greedy:.2f}")
+                log(f"update {step + 1}: sampled reward {sampled[-1]:.2f}, greedy accuracy {greedy:.2f}")
             if greedy >= target:
                 break
-    return Learning(warm_updates, taught, chance, before, greedy, len(rewards), rewards)
+    return Learning(warm_updates, taught, chance, before, greedy, len(sampled), sampled)
 
 
 def test_step_grpo_learns_to_route_from_chance(model_cache):

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import more
+import protocol
 from conftest import random_image
 
 EXPERTS = [("Text Retriever", "encyclopedia passages"), ("Text Image Retriever", "pictures"),
@@ -16,9 +17,9 @@ NAMES = [name for name, _ in EXPERTS]
 
 def mixed_batch(policy):
     """An image prompt and two text-only prompts of different lengths (so left padding is exercised)."""
-    system = more.plan_system_prompt(EXPERTS)
+    system = protocol.plan_system_prompt(EXPERTS)
     encode = lambda user, image=None: more.encode_prompt(
-        policy.processor, more.render_prompt(system, user, image is not None), image)
+        policy.processor, protocol.render_prompt(system, user, image is not None), image)
     return [encode("Origin question: what is pictured here?", random_image(0)),
             encode("Origin question: who founded the city of Velora in the north?"),
             encode("Origin question: how tall?"),
@@ -182,7 +183,7 @@ def test_unreadable_image_is_a_clear_error(shared_policy, tmp_path):
 # --------------------------------------------------------------------------------------- parsers
 
 def test_parse_plan_well_formed():
-    plan = more.parse_plan("<think>need the city</think><sub-question>Where is X?</sub-question>"
+    plan = protocol.parse_plan("<think>need the city</think><sub-question>Where is X?</sub-question>"
                            "<ret>Text Retriever</ret>", NAMES)
     assert plan.valid and plan.sub_question == "Where is X?" and plan.experts == ["Text Retriever"]
     assert plan.thought == "need the city" and not plan.stop
@@ -193,44 +194,44 @@ def test_parse_plan_each_missing_tag(missing):
     parts = {"think": "<think>t</think>", "sub-question": "<sub-question>q?</sub-question>",
              "ret": "<ret>Table Retriever</ret>"}
     text = "".join(v for k, v in parts.items() if k != missing)
-    plan = more.parse_plan(text, NAMES)
+    plan = protocol.parse_plan(text, NAMES)
     assert not plan.valid and f"<{missing}>" in plan.reason
 
 
 def test_parse_plan_unknown_expert_is_invalid_and_named():
-    plan = more.parse_plan("<think>t</think><sub-question>q?</sub-question><ret>Web Search</ret>", NAMES)
+    plan = protocol.parse_plan("<think>t</think><sub-question>q?</sub-question><ret>Web Search</ret>", NAMES)
     assert not plan.valid and "Web Search" in plan.reason
 
 
 def test_parse_plan_several_experts_mixed_case_and_whitespace():
     text = ("\n <THINK> two sources </think>\n<Sub-Question> How tall is Y? </sub-question>  "
             "<ret> table retriever, TEXT RETRIEVER, Table Retriever </RET>\n")
-    plan = more.parse_plan(text, NAMES)
+    plan = protocol.parse_plan(text, NAMES)
     assert plan.valid and plan.experts == ["Table Retriever", "Text Retriever"]
     assert plan.sub_question == "How tall is Y?"
 
 
 def test_parse_plan_none_none_stops_and_half_none_is_invalid():
-    stop = more.parse_plan("<think>enough</think><sub-question>None</sub-question><ret>none</ret>", NAMES)
+    stop = protocol.parse_plan("<think>enough</think><sub-question>None</sub-question><ret>none</ret>", NAMES)
     assert stop.valid and stop.stop and stop.experts == []
-    half = more.parse_plan("<think>t</think><sub-question>None</sub-question><ret>Text Retriever</ret>", NAMES)
+    half = protocol.parse_plan("<think>t</think><sub-question>None</sub-question><ret>Text Retriever</ret>", NAMES)
     assert not half.valid and "None" in half.reason
 
 
 def test_parse_plan_empty_sub_question_and_empty_ret():
-    assert "empty" in more.parse_plan("<think></think><sub-question> </sub-question><ret>Text Retriever</ret>",
+    assert "empty" in protocol.parse_plan("<think></think><sub-question> </sub-question><ret>Text Retriever</ret>",
                                       NAMES).reason
-    assert not more.parse_plan("<think></think><sub-question>q</sub-question><ret> , </ret>", NAMES).valid
+    assert not protocol.parse_plan("<think></think><sub-question>q</sub-question><ret> , </ret>", NAMES).valid
 
 
 def test_parse_answer_cases():
-    good = more.parse_answer("<think>it says 1899</think>\n<answer> 9 December 1899 </answer>")
+    good = protocol.parse_answer("<think>it says 1899</think>\n<answer> 9 December 1899 </answer>")
     assert good.valid and good.answer == "9 December 1899"
-    assert "<answer>" in more.parse_answer("<think>t</think> 1899").reason
-    assert "<think>" in more.parse_answer("<answer>1899</answer>").reason
-    assert more.parse_answer("<think>t</think><answer>  </answer>").reason == "empty <answer>"
-    assert more.parse_answer(" <THINK>a</THINK>\n<ANSWER>B</ANSWER> ").answer == "B"
-    assert more.parse_answer("noise <think>a</think><answer>B</answer>").reason == "text outside the protocol tags"
+    assert "<answer>" in protocol.parse_answer("<think>t</think> 1899").reason
+    assert "<think>" in protocol.parse_answer("<answer>1899</answer>").reason
+    assert protocol.parse_answer("<think>t</think><answer>  </answer>").reason == "empty <answer>"
+    assert protocol.parse_answer(" <THINK>a</THINK>\n<ANSWER>B</ANSWER> ").answer == "B"
+    assert protocol.parse_answer("noise <think>a</think><answer>B</answer>").reason == "text outside the protocol tags"
 
 
 def test_parsers_never_raise_on_random_text():
@@ -239,14 +240,14 @@ def test_parsers_never_raise_on_random_text():
                "<sub-question>", "</sub-question>", "<answer>", "</answer>", "None", "Table Retriever", "\x00"]
     for _ in range(1000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
-        plan, answer = more.parse_plan(text, NAMES), more.parse_answer(text)
+        plan, answer = protocol.parse_plan(text, NAMES), protocol.parse_answer(text)
         assert isinstance(plan.valid, bool) and (plan.valid or plan.reason)
         assert isinstance(answer.valid, bool) and (answer.valid or answer.reason)
-    assert not more.parse_plan(None, NAMES).valid and not more.parse_answer(b"bytes").valid
+    assert not protocol.parse_plan(None, NAMES).valid and not protocol.parse_answer(b"bytes").valid
 
 
 def test_plan_prompt_lists_the_configured_experts_only():
-    prompt = more.plan_system_prompt([("Text Retriever", "passages"), ("Table Retriever", "tables")])
+    prompt = protocol.plan_system_prompt([("Text Retriever", "passages"), ("Table Retriever", "tables")])
     assert "Text Retriever, Table Retriever" in prompt and "Text Image Retriever" not in prompt
     assert "`Table Retriever`: tables" in prompt
 

@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-import more
+import protocol
 from conftest import SAMPLES
 
 NAMES = ["Text Retriever", "Text Image Retriever", "Table Retriever"]
@@ -85,7 +85,7 @@ def test_every_accepted_plan_and_answer_satisfies_the_grammar():
     the None/None stop); so does every accepted answer; both parsers reject as well as accept."""
     start, accepted = time.perf_counter(), {"plan": 0, "answer": 0}
     for text in generated(12_000):
-        plan, answer = more.parse_plan(text, NAMES), more.parse_answer(text)
+        plan, answer = protocol.parse_plan(text, NAMES), protocol.parse_answer(text)
         if plan.valid:
             accepted["plan"] += 1
             match = PLAN_GRAMMAR.fullmatch(cleaned(text))
@@ -111,21 +111,21 @@ def test_every_accepted_plan_and_answer_satisfies_the_grammar():
 def test_the_release_attack_cases_are_refused():
     ret_in_think = ("<think>ignore <ret>Table Retriever</ret></think><sub-question>q</sub-question>"
                     "<ret>Text Retriever</ret>")
-    assert not more.parse_plan(ret_in_think, NAMES).valid
-    assert not more.parse_plan("<think>t</think><sub-question>\u200b</sub-question><ret>Text Retriever</ret>",
+    assert not protocol.parse_plan(ret_in_think, NAMES).valid
+    assert not protocol.parse_plan("<think>t</think><sub-question>\u200b</sub-question><ret>Text Retriever</ret>",
                                NAMES).valid
-    assert not more.parse_answer("<think>t</think><answer>\x00</answer>").valid
-    assert not more.parse_plan("<ret>Text Retriever</ret><think>t</think><sub-question>q</sub-question>", NAMES).valid
-    assert not more.parse_answer("<think>t</think><answer>a</answer><answer>b</answer>").valid
+    assert not protocol.parse_answer("<think>t</think><answer>\x00</answer>").valid
+    assert not protocol.parse_plan("<ret>Text Retriever</ret><think>t</think><sub-question>q</sub-question>", NAMES).valid
+    assert not protocol.parse_answer("<think>t</think><answer>a</answer><answer>b</answer>").valid
     tag_in_field = "<think>t</think><sub-question>q <thi\u200bnk></sub-question><ret>Text Retriever</ret>"
-    assert not more.parse_plan(tag_in_field, NAMES).valid
+    assert not protocol.parse_plan(tag_in_field, NAMES).valid
 
 
 @pytest.mark.parametrize("adversary", ["<answer>", "<think>", "<think>x</think><answer>", "<sub-question><ret>"])
 def test_a_megabyte_of_adversarial_text_parses_in_linear_time(adversary):
     text = adversary * ((1 << 20) // len(adversary))
     start = time.perf_counter()
-    assert not more.parse_answer(text).valid and not more.parse_plan(text, NAMES).valid
+    assert not protocol.parse_answer(text).valid and not protocol.parse_plan(text, NAMES).valid
     assert time.perf_counter() - start < 0.1
 
 
@@ -142,10 +142,10 @@ def test_every_gold_completion_of_the_release_step_file_parses():
             continue
         text = data.gold_completion(sample)
         if sample.kind == "plan":
-            plan = more.parse_plan(text, NAMES)
+            plan = protocol.parse_plan(text, NAMES)
             assert plan.valid, (text, plan.reason)
             assert plan.stop or [e.lower() for e in plan.experts] == [str(sample.gold["retriever"][0]).lower()]
         else:
-            assert more.parse_answer(text).valid, text
+            assert protocol.parse_answer(text).valid, text
         parsed += 1
     assert parsed >= len(samples) - 1

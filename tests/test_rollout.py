@@ -1,11 +1,15 @@
 """The rollout loop: exact logic with a scripted policy, then token bookkeeping with the tiny model."""
+import dataclasses
+
 import pytest
 import torch
 
 import data
 import more
 import rollout
-from rollout import StepPrompt
+from config import Config
+from protocol import StepPrompt
+from world import QUESTION_KINDS
 
 PLAN = "<think>{t}</think><sub-question>{q}</sub-question><ret>{r}</ret>"
 ANSWER = "<think>read</think><answer>{a}</answer>"
@@ -43,7 +47,7 @@ def test_scripted_loop_order_history_queries_and_stopping(world, world_experts):
         ("final", [ANSWER.format(a=founder), ANSWER.format(a=population), ANSWER.format(a="?")]),
     ]
     sampler = scripted(script)
-    out = rollout.rollout(sampler, world_experts, [text_q, table_q, image_q], group_size=1, max_steps=2,
+    out = rollout.rollout(sampler, world_experts, [text_q, table_q, image_q], Config(max_steps=2),
                           image_root=world)
     assert len(sampler.seen) == len(script)  # every call happened, in this order
     text_t, table_t, image_t = out
@@ -80,7 +84,7 @@ def test_invalid_answer_and_runaway_plan_end_the_rounds(world, world_experts):
     script = [("plan", [PLAN.format(t="a", q=text_q.hops[0].sub_question, r="Text Retriever"), "RUNAWAY"]),
               ("answer", ["<answer>no think tag</answer>"]),
               ("final", [ANSWER.format(a="x"), ANSWER.format(a="y")])]
-    out = rollout.rollout(scripted(script), world_experts, [text_q], group_size=2, max_steps=3)
+    out = rollout.rollout(scripted(script), world_experts, [text_q], Config(max_steps=3), group_size=2)
     assert [s.kind for s in out[0].steps] == ["plan", "answer", "final"]
     assert not out[0].steps[1].valid and "<think>" in out[0].steps[1].reason
     assert out[1].steps[0].reason.startswith("runaway length")
@@ -94,7 +98,7 @@ def test_a_raising_expert_becomes_a_failed_call(world, world_experts, tmp_path):
     script = [("plan", [PLAN.format(t="look", q="Which town is shown?", r="Text Image Retriever, Text Retriever")]),
               ("answer", [ANSWER.format(a="unknown")]), ("plan", [STOP]), ("final", [ANSWER.format(a="?")])]
     sampler = scripted(script)
-    out = rollout.rollout(sampler, world_experts, [question], group_size=1)
+    out = rollout.rollout(sampler, world_experts, [question], Config())
     calls = {c.expert: c for c in out[0].steps[0].calls}
     assert "cannot read image" in calls["image"].error and calls["image"].hit_ids == []
     assert calls["text"].error == "" and len(calls["text"].hit_ids) == 10
@@ -106,7 +110,7 @@ def test_trace_is_readable_and_round_trips_to_json(world, world_experts, tmp_pat
     text_q, = questions_of(world, "text_fact")
     script = [("plan", [PLAN.format(t="a", q=text_q.hops[0].sub_question, r="Text Retriever")]),
               ("answer", [ANSWER.format(a="Someone")]), ("plan", [STOP]), ("final", [ANSWER.format(a="Someone")])]
-    out = rollout.rollout(scripted(script), world_experts, [text_q], group_size=1)
+    out = rollout.rollout(scripted(script), world_experts, [text_q], Config())
     text = rollout.format_trace(out[0])
     assert "plan: ask Text Retriever" in text and "Final answer: 'Someone'" in text
     rollout.write_traces(tmp_path / "t.jsonl", out)
@@ -123,7 +127,7 @@ def tiny_rollout(shared_policy, world, world_experts, tiny_cfg_module):
     questions = questions_of(world, "text_fact", "image_fact", "compare")
     torch.manual_seed(0)
     trajectories = rollout.rollout(rollout.policy_sampler(shared_policy, tiny_cfg_module), world_experts, questions,
-                                   group_size=2, max_steps=1, image_root=world)
+                                   dataclasses.replace(tiny_cfg_module, max_steps=1), group_size=2, image_root=world)
     return trajectories
 
 
@@ -170,15 +174,15 @@ def test_decoding_and_re_encoding_would_change_the_ids(shared_policy, tiny_rollo
 
 
 def test_batched_greedy_rollout_equals_one_question_at_a_time(shared_policy, world, world_experts, model_cache):
-    from config import Config
     cfg = Config(model_name="tiny", model_cache=model_cache, device="cpu", temperature=0.0,
                  max_new_tokens_plan=16, max_new_tokens_answer=12)
     pool = data.load_questions(world / "questions_train.jsonl")
-    questions = [next(q for q in pool if q.kind == k) for k in data.QUESTION_KINDS] + pool[-1:]
+    questions = [next(q for q in pool if q.kind == k) for k in QUESTION_KINDS] + pool[-1:]
     sampler = rollout.policy_sampler(shared_policy, cfg)
-    batched = rollout.rollout(sampler, world_experts, questions, group_size=4, max_steps=2, image_root=world)
-    single = [t for q in questions for t in rollout.rollout(sampler, world_experts, [q], group_size=4,
-                                                           max_steps=2, image_root=world)]
+    rounds = dataclasses.replace(cfg, max_steps=2)
+    batched = rollout.rollout(sampler, world_experts, questions, rounds, group_size=4, image_root=world)
+    single = [t for q in questions for t in rollout.rollout(sampler, world_experts, [q], rounds, group_size=4,
+                                                           image_root=world)]
     assert len(batched) == len(single) == 32
     for a, b in zip(batched, single):
         assert [s.completion_ids for s in a.steps] == [s.completion_ids for s in b.steps]

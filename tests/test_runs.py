@@ -11,12 +11,14 @@ import time
 import pytest
 import torch
 
-import data
+import checkpoint
 import more
+import protocol
 import rollout
 import step_grpo as sg
 from config import Config, field_docs, load_config
 from conftest import ROOT, run_config
+from world import ensure_world
 
 # ------------------------------------------------------------------------ 4-bit on every kind of CPU
 
@@ -41,7 +43,7 @@ def test_4bit_sampling_and_training_agree_on_any_cpu(avx512_bf16, model_cache, m
     policy = more.load_policy(cfg)
     monkeypatch.undo()
     optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
-    prompt = more.encode_prompt(policy.processor, more.render_prompt("system", "Who founded Holbelmor?", False))
+    prompt = more.encode_prompt(policy.processor, protocol.render_prompt("system", "Who founded Holbelmor?", False))
     for round_ in range(2):
         torch.manual_seed(round_)
         policy.model.eval()
@@ -90,24 +92,24 @@ def test_a_pickle_payload_in_the_state_file_is_refused_and_runs_nothing(warm_run
     class Payload:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
-    checkpoint = more.latest_checkpoint(tmp_path / "run")
-    state = checkpoint / "training_state.safetensors"
+    folder = checkpoint.latest_checkpoint(tmp_path / "run")
+    state = folder / "training_state.safetensors"
     state.write_bytes(pickle.dumps(Payload()))
     assert "training_state.safetensors" in refused(capsys, warm_run, "--resume", "--train_steps", "1")
-    more.write_manifest(checkpoint)  # a forger who also rewrites the manifest
+    checkpoint.write_manifest(folder)  # a forger who also rewrites the manifest
     assert "training_state.safetensors" in refused(capsys, warm_run, "--resume", "--train_steps", "1")
-    (checkpoint / "state.pt").write_bytes(pickle.dumps(Payload()))  # the old format, dropped beside it
+    (folder / "state.pt").write_bytes(pickle.dumps(Payload()))  # the old format, dropped beside it
     assert "state.pt" in refused(capsys, warm_run, "--resume", "--train_steps", "1")
     assert not marker.exists()
 
 
 def test_a_flipped_byte_in_the_adapter_is_detected(warm_run, tmp_path, capsys):
-    adapter = more.latest_checkpoint(tmp_path / "run") / "adapter" / "adapter_model.safetensors"
+    adapter = checkpoint.latest_checkpoint(tmp_path / "run") / "adapter" / "adapter_model.safetensors"
     blob = bytearray(adapter.read_bytes())
     blob[len(blob) // 2] ^= 0x40
     adapter.write_bytes(bytes(blob))
     assert "adapter_model.safetensors" in refused(capsys, warm_run, "--resume", "--train_steps", "1")
-    with pytest.raises(more.CheckpointError, match="adapter_model.safetensors"):
+    with pytest.raises(checkpoint.CheckpointError, match="adapter_model.safetensors"):
         more.find_adapter(tmp_path / "run")  # eval.py and more.py --checkpoint go through here
 
 
@@ -125,7 +127,7 @@ def test_latest_must_name_a_checkpoint_inside_the_run(warm_run, tmp_path, capsys
 def test_the_adapter_loads_from_any_directory(warm_run, tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    adapter = more.latest_checkpoint(tmp_path / "run") / "adapter"
+    adapter = checkpoint.latest_checkpoint(tmp_path / "run") / "adapter"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -148,7 +150,7 @@ def comparable(path):
 
 def adapter_tensors(run):
     from safetensors.torch import load_file
-    return load_file(more.latest_checkpoint(run) / "adapter" / "adapter_model.safetensors")
+    return load_file(checkpoint.latest_checkpoint(run) / "adapter" / "adapter_model.safetensors")
 
 
 def test_four_updates_equal_two_then_a_resume_with_more_train_steps(tmp_path, world, model_cache, capsys):
@@ -301,16 +303,16 @@ def test_kill_9_at_20_random_points_never_breaks_a_run(tmp_path, world, model_ca
 
 
 def test_a_killed_world_build_is_rebuilt_on_the_next_run(tmp_path):
-    world = tmp_path / "world"
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import data; from config import Config; "
-              f"data.ensure_world(Config(world_dir={str(world)!r}))")
+    folder = tmp_path / "world"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import world; from config import Config; "
+              f"world.ensure_world(Config(world_dir={str(folder)!r}))")
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (tmp_path / "world.tmp" / "indexes").exists() and time.time() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert (tmp_path / "world.tmp").exists() and not world.exists()
-    data.ensure_world(Config(world_dir=str(world)))
-    assert all((world / "indexes" / kind / "expert.json").exists() for kind in ("text", "image", "table"))
+    assert (tmp_path / "world.tmp").exists() and not folder.exists()
+    ensure_world(Config(world_dir=str(folder)))
+    assert all((folder / "indexes" / kind / "expert.json").exists() for kind in ("text", "image", "table"))
     assert not (tmp_path / "world.tmp").exists()

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import more
+import protocol
+import rewards
 import rollout
 import step_grpo as sg
 from config import Config
@@ -63,10 +66,10 @@ def test_online_credit_puts_every_final_answer_in_one_group_and_counts_the_outco
     import data
     question = next(q for q in data.load_questions(world / "questions_train.jsonl") if q.hops)
     sampler = scripted_sampler({0: 0, 1: 0, 2: 1, 3: 1}, right={1, 2, 3}, gold=question.answers[0])
-    group = rollout.rollout(sampler, world_experts, [question], 4, max_steps=2, image_root=world)
+    group = rollout.rollout(sampler, world_experts, [question], Config(max_steps=2), 4, image_root=world)
     assert [len(t.steps) for t in group] == [2, 2, 4, 4]  # stop+final, stop+final, plan+answer+stop+final
-    similarity = sg.SubQuestionSimilarity(world_experts[0].text_encoder)
-    scored = [sg.trajectory_rewards(t, question.hops, similarity, Config()) for t in group]
+    similarity = rewards.SubQuestionSimilarity(world_experts[0].text_encoder)
+    scored = [rewards.trajectory_rewards(t, question.hops, similarity, Config()) for t in group]
     outcomes = [outcome for _, outcome in scored]
     assert outcomes == [0.0, 1.0, 1.0, 1.0]
     advantages = sg.online_advantages(group, [r for r, _ in scored], outcomes, w_outcome=1.0)
@@ -132,16 +135,16 @@ def test_token_and_sequence_aggregation():
 
 def test_answer_reward_rules():
     """The release's recall rule, and F1, under which length and hedging no longer pay."""
-    assert sg.answer_reward("It was 1899", ["1899"]) == 1.0
-    assert sg.answer_reward("December", ["9 December 1899"]) == 0.0  # short gold: all or nothing
+    assert rewards.answer_reward("It was 1899", ["1899"]) == 1.0
+    assert rewards.answer_reward("December", ["9 December 1899"]) == 0.0  # short gold: all or nothing
     long_gold = "The Royal Insurance Building in Glasgow has five floors"
-    assert sg.answer_reward("royal insurance building floors", [long_gold]) == pytest.approx(4 / 8)
-    assert sg.answer_reward("paris", ["Paris", "Paris, France"]) == 1.0
-    assert sg.answer_reward("", ["x"]) == 0.0
-    assert sg.answer_reward("Velora or Arlen", ["Velora"], "recall") == 1.0  # hedging pays under recall
-    assert sg.answer_reward("Velora or Arlen", ["Velora"], "f1") == pytest.approx(0.5)
-    assert sg.answer_reward("It was 1899", ["1899"], "f1") == pytest.approx(0.5)
-    assert sg.answer_reward("1899", ["1899"], "f1") == 1.0
+    assert rewards.answer_reward("royal insurance building floors", [long_gold]) == pytest.approx(4 / 8)
+    assert rewards.answer_reward("paris", ["Paris", "Paris, France"]) == 1.0
+    assert rewards.answer_reward("", ["x"]) == 0.0
+    assert rewards.answer_reward("Velora or Arlen", ["Velora"], "recall") == 1.0  # hedging pays under recall
+    assert rewards.answer_reward("Velora or Arlen", ["Velora"], "f1") == pytest.approx(0.5)
+    assert rewards.answer_reward("It was 1899", ["1899"], "f1") == pytest.approx(0.5)
+    assert rewards.answer_reward("1899", ["1899"], "f1") == 1.0
 
 
 def test_plan_reward_rules():
@@ -149,7 +152,7 @@ def test_plan_reward_rules():
     import data
     import rollout
     from experts import EXPERT_NAMES, TextEncoder
-    similarity = sg.SubQuestionSimilarity(TextEncoder("minilm"))
+    similarity = rewards.SubQuestionSimilarity(TextEncoder("minilm"))
     cfg = Config(w_route=0.5, w_subq=0.5)
     hop = data.Hop("who founded Velora?", "Ada Brill", ["t1"], gold_experts=["text", "table"])
 
@@ -161,19 +164,19 @@ def test_plan_reward_rules():
         return step
 
     # Either expert of the set earns the routing credit, even when its top-k for this wording missed.
-    assert sg.plan_reward(plan("who founded Velora?", "table", probe={"table": False}), hop, similarity, cfg) \
+    assert rewards.plan_reward(plan("who founded Velora?", "table", probe={"table": False}), hop, similarity, cfg) \
         == pytest.approx(1.0, abs=1e-5)
-    assert sg.plan_reward(plan("who founded Velora?", "image"), hop, similarity, cfg) == pytest.approx(0.5, abs=1e-5)
-    assert sg.plan_reward(plan("who founded Velora?", "text", "image"), hop, similarity, cfg) \
+    assert rewards.plan_reward(plan("who founded Velora?", "image"), hop, similarity, cfg) == pytest.approx(0.5, abs=1e-5)
+    assert rewards.plan_reward(plan("who founded Velora?", "text", "image"), hop, similarity, cfg) \
         == pytest.approx(0.5, abs=1e-5)  # two experts: no routing credit
-    unrelated = sg.plan_reward(plan("a list of river lengths", "text"), hop, similarity, cfg)
+    unrelated = rewards.plan_reward(plan("a list of river lengths", "text"), hop, similarity, cfg)
     assert 0.5 <= unrelated < 0.75  # credit for the expert, little for the wording
-    assert sg.plan_reward(plan("None", "none"), None, similarity, cfg) == 1.0  # a correct stop
-    assert sg.plan_reward(plan("None", "none"), hop, similarity, cfg) == 0.0   # stopping too early
-    assert sg.plan_reward(plan("who founded Velora?", "text"), None, similarity, cfg) == 0.0  # too long
+    assert rewards.plan_reward(plan("None", "none"), None, similarity, cfg) == 1.0  # a correct stop
+    assert rewards.plan_reward(plan("None", "none"), hop, similarity, cfg) == 0.0   # stopping too early
+    assert rewards.plan_reward(plan("who founded Velora?", "text"), None, similarity, cfg) == 0.0  # too long
     broken = plan("who founded Velora?", "text")
     broken.valid = False
-    assert sg.plan_reward(broken, hop, similarity, cfg) == 0.0
+    assert rewards.plan_reward(broken, hop, similarity, cfg) == 0.0
 
 # ----------------------------------------------------------------------------------- the direction
 
@@ -183,8 +186,8 @@ def policy_and_samples(tiny_cfg):
     import more
     import rollout
     policy = more.load_policy(tiny_cfg)
-    system = more.plan_system_prompt([("Text Retriever", "passages"), ("Table Retriever", "tables")])
-    prompts = [more.encode_prompt(policy.processor, more.render_prompt(system, f"Origin question: q{i}?", False))
+    system = protocol.plan_system_prompt([("Text Retriever", "passages"), ("Table Retriever", "tables")])
+    prompts = [more.encode_prompt(policy.processor, protocol.render_prompt(system, f"Origin question: q{i}?", False))
                for i in range(4)]
     torch.manual_seed(0)
     completions = more.sample(policy, prompts, "plan", 10)
@@ -296,7 +299,7 @@ def test_steps_mode_trains_on_a_step_file(tmp_path, world, model_cache):
     row = json.loads((tmp_path / "steps" / "metrics.jsonl").read_text())
     assert row["phase"] == "grpo" and row["sampled_tokens"] > 0
     assert any(k.startswith("reward_") for k in row) and 0.0 <= row["zero_std_groups"] <= 1.0
-    assert more.latest_checkpoint(tmp_path / "steps") is not None
+    assert checkpoint.latest_checkpoint(tmp_path / "steps") is not None
 
 
 def stand_in_images(step_file, folder):
@@ -341,14 +344,14 @@ def test_skip_missing_images_leaves_those_steps_out(tmp_path):
 
 
 def test_image_goes_after_the_text_as_in_the_release():
-    text = more.render_prompt("system", "Origin question: which lake is this?", True)
+    text = protocol.render_prompt("system", "Origin question: which lake is this?", True)
     assert text.endswith("which lake is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
                          "<|im_start|>assistant\n")
 
 
 def test_the_cap_drops_the_lowest_ranked_passages_first():
     user = "Header:ter-0: first passage\nter-1: second passage\ntir-0: third\n\n Give me the answer to: q"
-    assert more.count_passages(user) == 3
-    assert more.drop_last_passages(user, 1) == "Header:ter-0: first passage\nter-1: second passage\n\n Give me the answer to: q"
-    assert more.drop_last_passages(user, 3) == "Header:\n\n Give me the answer to: q"
-    assert more.drop_last_passages(user, 0) == user
+    assert protocol.count_passages(user) == 3
+    assert protocol.drop_last_passages(user, 1) == "Header:ter-0: first passage\nter-1: second passage\n\n Give me the answer to: q"
+    assert protocol.drop_last_passages(user, 3) == "Header:\n\n Give me the answer to: q"
+    assert protocol.drop_last_passages(user, 0) == user
