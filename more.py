@@ -137,6 +137,13 @@ def _processor_class():
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, video_processor=None,
                              chat_template=chat_template, **kwargs)
+
+        def __call__(self, images=None, text=None, **kwargs):
+            # TRL passes one entry per prompt, None for a text-only one; transformers refuses the None.
+            # The images fill the <|image_pad|> placeholders in order, so the flat list is the same input.
+            if isinstance(images, list) and any(entry is None or isinstance(entry, list) for entry in images):
+                images = [im for entry in images if entry for im in (entry if isinstance(entry, list) else [entry])]
+            return super().__call__(images=images or None, text=text, **kwargs)
     return ImageTextProcessor
 
 
@@ -251,8 +258,9 @@ def keep_4bit_layers_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
-    """Qwen2.5-VL in 4-bit with a LoRA adapter (fresh, or loaded from `adapter_dir`: see find_adapter)."""
+def load_base_model(cfg):
+    """(model, processor, device): Qwen2.5-VL frozen, in 4-bit NF4 when configured, vision tower and
+    head in full precision. scale_trl.py hands the same model to TRL."""
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
     device = pick_device(cfg.device)
     # bf16 compute on GPU; fp32 on CPU, where bf16 is ~5x slower without bf16 instructions (docs/PROTOCOL.md, trap 8).
@@ -268,6 +276,12 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
         path, quantization_config=quant, dtype=dtype, device_map={"": str(device)})
     model.requires_grad_(False)
     keep_4bit_layers_trainable(model)
+    return model, load_processor(path, cfg.min_pixels, cfg.max_pixels), device
+
+
+def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
+    """Qwen2.5-VL in 4-bit with a LoRA adapter (fresh, or loaded from `adapter_dir`: see find_adapter)."""
+    model, processor, device = load_base_model(cfg)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # With a frozen embedding nothing upstream requires grad; without this the checkpointed
@@ -276,27 +290,29 @@ def load_policy(cfg, adapter_dir: str | None = None) -> Policy:
     with warnings.catch_warnings():  # peft reads a property transformers has deprecated: noise for our users
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         model = _with_lora(model, cfg, adapter_dir)
-    processor = load_processor(path, cfg.min_pixels, cfg.max_pixels)
     suppress = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     return Policy(model=model, processor=processor, device=device, suppress_ids=suppress)
 
 
+def lora_config(cfg):
+    """LoRA on the language model's linear layers (scale_trl.py hands the same one to TRL)."""
+    from peft import LoraConfig
+    # A regex on language_model: a plain module list would also hit the vision tower's MLP.
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    # A random tiny model's frozen head caps every token near chance (docs/PROTOCOL.md, trap 9): `train_lm_head`
+    # trains a copy of the head (peft modules_to_save; disable_adapter() still uses the original).
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, init_lora_weights=True, bias="none",
+                      modules_to_save=["lm_head"] if cfg.train_lm_head else None)
+
+
 def _with_lora(model, cfg, adapter_dir: str | None):
     """The model with its LoRA adapter: loaded from `adapter_dir` (trainable), or fresh."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     if adapter_dir:
-        model = PeftModel.from_pretrained(model, str(find_adapter(adapter_dir)), is_trainable=True)
-    else:
-        # A regex on language_model: a plain module list would also hit the vision tower's MLP.
-        targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-        # A random tiny model's frozen head caps every token near chance (docs/PROTOCOL.md, trap 9): `train_lm_head`
-        # trains a copy of the head (peft modules_to_save; disable_adapter() still uses the original).
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, init_lora_weights=True, bias="none",
-                          modules_to_save=["lm_head"] if cfg.train_lm_head else None)
-        torch.manual_seed(cfg.seed)  # LoRA's init is then the same whether or not the model was just built
-        model = get_peft_model(model, lora)
-    return model
+        return PeftModel.from_pretrained(model, str(find_adapter(adapter_dir)), is_trainable=True)
+    torch.manual_seed(cfg.seed)  # LoRA's init is then the same whether or not the model was just built
+    return get_peft_model(model, lora_config(cfg))
 
 
 # ----------------------------------------------------------------------------------------------

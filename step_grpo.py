@@ -429,9 +429,7 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
     starts over when it has none.
     """
     out_dir = Path(cfg.out_dir)
-    if cfg.steps_file and not Path(cfg.steps_file).is_file():
-        raise UserError(f"steps_file {cfg.steps_file} not found: place the authors' step file there (docs/PROTOCOL.md), "
-                        f"or train offline on the mini world: python step_grpo.py --config tiny.json")
+    require_steps_file(cfg)
     holds_run = (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists()
     if holds_run and not resume:
         raise UserError(f"{out_dir} already holds a run: add --resume to continue it, or choose another out_dir")
@@ -444,6 +442,12 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path | None, int]:
         if dropped:
             print(f"--resume: dropped {dropped} rows of {name} written after the checkpoint")
     return checkpoint, start
+
+
+def require_steps_file(cfg: Config) -> None:
+    if cfg.steps_file and not Path(cfg.steps_file).is_file():
+        raise UserError(f"steps_file {cfg.steps_file} not found: place the authors' step file there (docs/PROTOCOL.md), "
+                        f"or train offline on the mini world: python step_grpo.py --config tiny.json")
 
 
 def load_step_samples(cfg: Config) -> list:
