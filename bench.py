@@ -6,6 +6,8 @@
       a fixed tiny-VL GRPO step (fp32 and 4-bit) that other implementations can be timed on
   python bench.py experts [--data FOLDER_OF_BENCHMARK_FILES] [--queries 1000]
   python bench.py rollout [--config tiny.json] [--repeats 5]
+  python bench.py gpu [--device cuda|cpu] [--steps 2]
+      on one GPU: the 3B's memory, phases and decode speed against the bandwidth bound; the 7B's memory
   python bench.py weights --config small.json --random-init qwen2.5-vl-3b --device cpu
       the loaded policy's parameters and bytes by part, and the optimiser state they imply
 """
@@ -298,7 +300,7 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
     similarity = rewards.SubQuestionSimilarity(experts[0].text_encoder)
     optimizer, _ = sg.make_optimizer(policy, cfg, "grpo")
     questions = data.load_questions(Path(cfg.world_dir) / "questions_train.jsonl")
-    step_samples = data.load_step_file(cfg.steps_file or str(Path(cfg.world_dir) / "steps_train.jsonl"))
+    step_samples = sg.load_step_samples(cfg)
     image_token_id = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     rng = random.Random(cfg.seed)
 
@@ -309,6 +311,7 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
                     work=describe_work(samples, trajectories, image_token_id))
 
     result = summarise_steps(timed_steps(one_step, steps, policy.device), policy.device)
+    result["decode_bytes"] = decode_bytes(policy)
     result["config"] = dict(config=config, overrides=overrides, model=cfg.model_name, arch=cfg.arch,
                             random_init=random_init, checkpoint=checkpoint, mode=cfg.mode,
                             questions_per_step=cfg.questions_per_step, group_size=cfg.group_size,
@@ -317,6 +320,17 @@ def bench_training(config: str, overrides: list[str], steps: int, random_init: s
                             micro_batch=cfg.micro_batch, gradient_checkpointing=cfg.gradient_checkpointing,
                             max_pixels=cfg.max_pixels, device=str(policy.device), threads=_threads())
     return result
+
+
+def decode_bytes(policy) -> int:
+    """Bytes every decode step must read: the language model's layers (NF4 with its quantisation
+    state, or full precision), the LoRA matrices, and the LM head; not the vision tower nor the
+    embedding table (one row per token)."""
+    core = more._core(policy.model)
+    params = dict(core.model.language_model.layers.named_parameters())
+    params.update({f"head.{n}": p for n, p in core.lm_head.named_parameters()})
+    params.update({f"norm.{n}": p for n, p in core.model.language_model.norm.named_parameters()})
+    return sum(tensor_bytes(p) + quant_state_bytes(p) for p in params.values())
 
 
 def _threads() -> int:
@@ -339,6 +353,65 @@ def print_training(r: dict) -> None:
     print(f"| **update** | **{r['step_s']:.3f}** | |")
     print(f"sampled tokens/s (generation phase): {r['sampled_tokens_per_s']:.0f}   "
           f"expert calls: {100 * r['expert_share_of_rollout']:.1f}% of rollout time   memory: {r['memory']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# One command for a GPU: small.json's 3B with random weights (memory over an update, phases, decode
+# speed against the bandwidth bound) and the 7B's peak memory. On a CPU the same path runs the tiny
+# preset, so that it is tested before it meets a GPU.
+
+GPU_RUNS = {"cuda": ("small.json", "qwen2.5-vl-3b", "qwen2.5-vl-7b"), "cpu": ("tiny.json", "tiny", "tiny")}
+
+
+def memory_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Bytes/s of a large on-device copy (read + write), the median of 5: what decoding is bound by."""
+    src = torch.empty(int(gib * 2**28), dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * tensor_bytes(src) / float(np.median(times[1:]))
+
+
+def step_sample_overrides(folder: Path) -> list[str]:
+    """Steps mode on the release's step-file rows in samples/ (real prompt lengths), with stand-in
+    pictures under their file names: no data to download."""
+    step_file = Path(__file__).resolve().parent / "samples" / "more" / "grpo_dataset_valid_new.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in experts.read_jsonl(step_file):
+        for i, image in enumerate(row.get("images", [])):
+            if not (folder / Path(image).name).exists():
+                Image.fromarray(np.random.RandomState(i).randint(0, 256, (224, 224, 3), dtype=np.uint8)).save(
+                    folder / Path(image).name)
+    return ["--mode", "steps", "--steps_file", str(step_file), "--image_root", str(folder), "--sft_steps", "0"]
+
+
+def bench_gpu(device: str, overrides: list[str], steps: int) -> dict:
+    config, small, large = GPU_RUNS[torch.device(device).type]
+    cache = load_config(config, overrides).model_cache
+    common = step_sample_overrides(Path(cache) / "step-sample-images") + ["--device", device] + overrides
+    result = dict(small=bench_training(config, common, steps, small, None))
+    result["bandwidth_gb_s"] = memory_bandwidth(torch.device(device)) / 1e9
+    rows = result["small"]["config"]["questions_per_step"] * result["small"]["config"]["group_size"]
+    result["decode_bound_tokens_s"] = rows * result["bandwidth_gb_s"] * 1e9 / result["small"]["decode_bytes"]
+    result["large"] = bench_training(config, common, 1, large, None)["memory"]
+    return result
+
+
+def print_gpu(r: dict) -> None:
+    small = r["small"]
+    print_training(small)
+    print(f"decode: {small['sampled_tokens_per_s']:.0f} tokens/s sampled; bound {r['decode_bound_tokens_s']:.0f} "
+          f"tokens/s = rows x {r['bandwidth_gb_s']:.0f} GB/s (measured copy) / "
+          f"{small['decode_bytes'] / 2**30:.2f} GiB read per step")
+    print(f"{small['config']['arch']} memory over the updates: {small['memory']}")
+    print(f"larger preset, memory over one update: {r['large']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +520,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # The sub-command is a first word, not an argparse positional: a config override such as
     # `--mode steps` would otherwise have its value taken for the sub-command.
-    what = argv[0] if argv[:1] in (["experts"], ["rollout"], ["weights"], ["rewards"]) else "train"
+    what = argv[0] if argv[:1] in (["experts"], ["rollout"], ["weights"], ["rewards"], ["gpu"]) else "train"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "tiny.json"))
     parser.add_argument("--workload", choices=["config", "standard"], default="config",
@@ -463,6 +536,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--steps-file", default=None, help="rewards: an official step file to score as well")
     parser.add_argument("--world", default="runs/world", help="rewards: the mini world (built when missing)")
+    parser.add_argument("--device", default="cuda", help="gpu: cuda (the 3B and 7B) or cpu (the tiny preset)")
     args, overrides = parser.parse_known_args(argv[1:] if what != "train" else argv)
     if overrides and (what in ("experts", "rollout", "rewards") or args.workload == "standard"):
         parser.error(f"unrecognised arguments: {' '.join(overrides)}")
@@ -474,7 +548,10 @@ def main(argv=None):
 
 def run_benchmark(what: str, args, overrides: list[str]) -> dict:
     """Run and print one benchmark; returns its figures."""
-    if what == "rewards":
+    if what == "gpu":
+        result = bench_gpu(args.device, overrides, args.steps)
+        print_gpu(result)
+    elif what == "rewards":
         result = bench_rewards(args.steps_file, args.world)
         print_rewards(result)
     elif what == "experts":

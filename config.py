@@ -158,7 +158,7 @@ class Config:
 # What a valid value is. Every numeric field has a rule; every choice field its set.
 
 CHOICES = {
-    "arch": ("tiny", "bench-standard", "qwen2.5-vl-3b", "qwen2.5-vl-7b"),  # more.ARCH_PRESETS
+    "arch": ("tiny", "bench-standard", "qwen2.5-vl-3b", "qwen2.5-vl-7b"),  # presets.ARCH_PRESETS
     "mode": ("online", "steps"),
     "lr_schedule": ("constant", "cosine"),
     "aggregation": ("token", "sequence"),

@@ -1,15 +1,14 @@
 """The MoRE policy: a 4-bit QLoRA Qwen2.5-VL, how it turns step prompts into samples, and its log-probs.
 
-Read top to bottom: architecture presets → the tiny offline model → loading the policy →
-turning prompts into tensors → sampling → log-probs. The step protocol it speaks (prompts and
+Read top to bottom: the processor → loading the policy → turning prompts into tensors → sampling
+(a hand-written decode loop) → log-probs. Architecture presets and the tiny offline model are in
+presets.py. The step protocol it speaks (prompts and
 parsers) is protocol.py; asking a question from the command line is `python rollout.py`.
 Nothing here knows about rewards or optimisers.
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,112 +18,15 @@ import torch
 from checkpoint import MANIFEST, latest_checkpoint, verify_manifest
 from config import UserError
 from experts import read_image
-from protocol import (ANSWER_SYSTEM_PROMPT, CLOSING_TAG, FINAL_SYSTEM_PROMPT, PASSAGES_HEADER,
-                      plan_system_prompt)
+from presets import materialize_random_model
+from protocol import CLOSING_TAG
 
 # ----------------------------------------------------------------------------------------------
-# Architecture presets. The 3B and 7B shapes are written down from the public config.json files of
-# Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct, so that `random_init` can build the
-# full-size network for memory benchmarks without a download.
+# Loading the processor: Qwen2.5-VL's tokenizer and image processor, for the tiny and the real model.
 
-_VISION_FULL = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
-ARCH_PRESETS = {
-    # Small enough to sample and train on two CPU cores in seconds.
-    # Untied embeddings, so that `train_lm_head` can train the head alone.
-    "tiny": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
-                           tie_word_embeddings=False),
-                 vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=2)),
-    # The standard CPU benchmark workload of bench.py (vocabulary ~2,000 as in the tiny model).
-    "bench-standard": dict(text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=2048),
-                           vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=2)),
-    "qwen2.5-vl-3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-                                    tie_word_embeddings=True),
-                          vision=_VISION_FULL),
-    "qwen2.5-vl-7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                    tie_word_embeddings=False),
-                          vision=_VISION_FULL),
-}
-
-FULL_SIZE_ARCHS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b")
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
 # A random or young policy samples these; the next forward then fails with "Image features and image
 # tokens do not match" (docs/PROTOCOL.md, trap 2). They are never valid output, so they are outside the policy.
 VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-
-
-def build_arch_config(arch: str, tokenizer):
-    """A Qwen2_5_VLConfig for a preset, with special-token ids taken from `tokenizer`."""
-    from transformers import Qwen2_5_VLConfig
-    if arch not in ARCH_PRESETS:
-        raise UserError(f"unknown arch {arch!r}; presets: {sorted(ARCH_PRESETS)}")
-    preset = ARCH_PRESETS[arch]
-    text = dict(preset["text"])
-    tie = text.pop("tie_word_embeddings", True)
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    # M-RoPE splits each head's rotary half into (time, height, width) sections; Qwen uses 1:1.5:1.5.
-    t = head_dim // 4
-    hw = (head_dim // 2 - t) // 2
-    mrope = [head_dim // 2 - 2 * hw, hw, hw]
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope}
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-    text.update(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-    vision = dict(preset["vision"], out_hidden_size=text["hidden_size"])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# The tiny offline model: a byte-level BPE tokenizer trained here, an image+text processor, and a
-# randomly initialised Qwen2.5-VL, saved to disk so that it is loaded by the same 4-bit path as a
-# real checkpoint.
-
-def _tokenizer_training_text() -> list[str]:
-    """Text the tiny BPE is trained on: the protocol itself, so tags become few tokens."""
-    experts = [("Text Retriever", "passages of an encyclopedia"),
-               ("Text Image Retriever", "pictures with captions"),
-               ("Table Retriever", "tables of numbers")]
-    lines = [plan_system_prompt(experts), ANSWER_SYSTEM_PROMPT, FINAL_SYSTEM_PROMPT,
-             PASSAGES_HEADER, "Origin question: Sub-question1: Answer1: ter-0: tir-1: tar-2: None"]
-    tags = "<think> </think> <sub-question> </sub-question> <ret> </ret> <answer> </answer>"
-    words = ("what who which where when how many much is was the of a an in on to for by from with "
-             "born year city country river mountain capital population height area founded color "
-             "shape painting picture image table row column value number largest smallest more less "
-             "than and or not yes no none this that entity person place animal plant building")
-    return lines + [tags] * 50 + [words] * 20
-
-
-def build_tiny_tokenizer(vocab_size: int = 2048):
-    """Byte-level BPE with Qwen2's pre-tokenizer: any text encodes (256-byte base alphabet)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qwen2_split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    n_merges_room = vocab_size - len(SPECIAL_TOKENS)
-    trainer = trainers.BpeTrainer(vocab_size=n_merges_room, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_tokenizer_training_text(), trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None,
-                         bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    return tok
 
 
 def _processor_class():
@@ -155,31 +57,6 @@ def load_processor(path: str, min_pixels: int, max_pixels: int):
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"  # generation appends on the right
     return _processor_class()(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def materialize_random_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a randomly initialised `arch` with the tiny tokenizer to `out_dir`; reused if present.
-
-    Deterministic for a seed. Saving and reloading is deliberate: the 4-bit path quantises at load
-    time, so the tiny model and the random full-size presets go through the real QLoRA loading code.
-    """
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and (out_dir / "tokenizer_config.json").exists():
-        return out_dir
-    tokenizer = build_tiny_tokenizer()
-    config = build_arch_config(arch, tokenizer)
-    torch.manual_seed(seed)
-    if arch in FULL_SIZE_ARCHS:  # bf16, as the hub checkpoints are: a 7B in fp32 would need 33 GB of RAM
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    else:
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    Qwen2VLImageProcessorPil().save_pretrained(tmp)
-    os.replace(tmp, out_dir)  # atomic: a half-written model directory is never picked up
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,8 +251,9 @@ def _compute_dtype(model) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling. `generate` does the decoding (KV cache, M-RoPE bookkeeping); two small hooks record what
-# a GRPO loss needs: the log-prob of each sampled token, and where each row's step ended.
+# Sampling: a hand-written decode loop (KV cache, M-RoPE positions, one sampling function). It does
+# per token only what a GRPO sample needs: one forward of the new tokens, the draw, the log-prob of
+# the drawn token, and a stop check that decodes text only for rows that may have closed their tag.
 
 @dataclass
 class Completion:
@@ -383,30 +261,6 @@ class Completion:
     logprobs: list[float]  # sampling-time log-probs of those ids under the policy (see token_logprobs)
     text: str
     truncated: bool  # hit max_new_tokens before the closing tag
-
-
-class _SampledLogprobs:
-    """LogitsProcessor hook: log π(token) of each sampled token, under the policy's own distribution.
-
-    It runs after token suppression and before temperature/top-k/top-p, so it sees the policy's
-    logits; it applies the temperature itself, as `token_logprobs` does. At call t it sees the token
-    sampled at t-1 in input_ids and gathers its log-prob from the row kept from the previous call.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.previous: torch.Tensor | None = None
-        self.gathered: list[torch.Tensor] = []
-
-    def __call__(self, input_ids, scores):
-        self.collect(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def collect(self, last_tokens):
-        if self.previous is not None:
-            self.gathered.append(self.previous.gather(1, last_tokens[:, None])[:, 0])
-            self.previous = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -417,7 +271,7 @@ def _ids_containing(tokenizer, char: str) -> torch.Tensor:
 
 
 class _StopAtTag:
-    """StoppingCriteria: a row is done at end-of-turn or once its completion contains `tag`.
+    """A row is done at end-of-turn or once its completion contains `tag`.
 
     The tail is decoded only for rows whose last token could complete the tag (it contains the
     tag's last character), not for every row at every step.
@@ -428,7 +282,7 @@ class _StopAtTag:
         self.closers = _ids_containing(tokenizer, tag[-1])
         self.lengths: dict[int, int] = {}
 
-    def __call__(self, input_ids, scores, **kwargs):
+    def __call__(self, input_ids, scores=None, **kwargs):
         last = input_ids[:, -1]
         may_close = torch.isin(last, self.closers.to(last.device)) | (last == self.eos_id)
         for row in may_close.nonzero()[:, 0].tolist():
@@ -443,45 +297,91 @@ class _StopAtTag:
         return done
 
 
+def _prompt_positions(core, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE positions of the left-padded prompts (4, B, L), and each row's offset (B, 1) of the
+    rotary position from the text position, which every later token keeps (as `generate` does)."""
+    mask = inputs["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    if "image_grid_thw" in inputs:
+        rotary, deltas = core.model.get_rope_index(inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                                   attention_mask=mask, mm_token_type_ids=inputs["mm_token_type_ids"])
+    else:
+        rotary, deltas = text[None].expand(3, -1, -1), torch.zeros_like(text[:, :1])
+    return torch.cat([text[None], rotary]), deltas
+
+
+def _truncate(logp: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """Top-k, then top-p (nucleus: the smallest set of tokens holding `top_p` of the mass) by log-prob."""
+    if 0 < top_k < logp.shape[-1]:
+        logp = logp.masked_fill(logp < logp.topk(top_k).values[:, -1:], float("-inf"))
+    if top_p < 1.0:
+        ascending, order = logp.sort(dim=-1)
+        dropped = ascending.exp().cumsum(-1) <= 1 - top_p
+        dropped[:, -1] = False
+        logp = logp.scatter(1, order, ascending.masked_fill(dropped, float("-inf")))
+    return logp
+
+
+def _draw(logits, suppress: torch.Tensor, temperature: float, top_p: float, top_k: int, banned=None):
+    """One token per row and its log-prob under the policy: vision tokens suppressed, logits divided
+    by the temperature (as in token_logprobs). Greedy at temperature 0. `banned` tokens are never
+    drawn but keep their mass in the recorded log-prob (end of turn in fixed-length benchmark work)."""
+    logits = logits.float().index_fill(1, suppress, float("-inf"))
+    logp = torch.log_softmax(logits / _logit_scale(temperature), dim=-1)
+    pick = logp if banned is None else logp.index_fill(1, banned, float("-inf"))
+    if temperature > 0:
+        token = torch.multinomial(_truncate(pick, top_p, top_k).exp(), 1)[:, 0]
+    else:
+        token = pick.argmax(-1)
+    return token, logp.gather(1, token[:, None])[:, 0]
+
+
 @torch.no_grad()
 def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str | None, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> list[Completion]:
-    """Sample one completion per prompt, in one batched `generate` call.
+    """Sample one completion per prompt, all rows decoded together.
 
     A row stops at end of turn or at the closing tag of its step `kind`; `kind=None` samples exactly
-    `max_new_tokens` tokens per row (end of turn suppressed: fixed-size benchmark work).
-    `temperature=0` decodes greedily. Every sampling parameter is explicit: real Instruct checkpoints
-    ship a generation config (repetition penalty, top_k) that would otherwise change the distribution, and `generate` applies
-    top_k=50 when top_k is unset (docs/PROTOCOL.md, trap 3). For several samples of a prompt, repeat it.
+    `max_new_tokens` tokens per row (end of turn never drawn: fixed-size benchmark work).
+    `temperature=0` decodes greedily, token for token as `generate` would. Every sampling parameter
+    is explicit: nothing comes from a checkpoint's generation config (docs/PROTOCOL.md, trap 3).
+    For several samples of a prompt, repeat it.
     """
-    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-    tok = policy.tokenizer
-    model = policy.model
-    pad_id, eos_id = tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")
-    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    inputs, _ = collate(prompts, [[] for _ in prompts], pad_id, image_id)
-    inputs = _to(inputs, policy.device, _compute_dtype(model))
-    prompt_len = inputs["input_ids"].shape[1]
-    recorder = _SampledLogprobs(_logit_scale(temperature))
-    stoppers = [_StopAtTag(tok, prompt_len, CLOSING_TAG[kind], eos_id)] if kind else []
-    warpers = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    gen = GenerationConfig(**warpers, max_new_tokens=max_new_tokens, suppress_tokens=policy.suppress_ids,
-                           min_new_tokens=0 if kind else max_new_tokens,
-                           repetition_penalty=1.0, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
-    out = model.generate(**inputs, generation_config=gen, logits_processor=LogitsProcessorList([recorder]),
-                         stopping_criteria=StoppingCriteriaList(stoppers))
-    recorder.collect(out[:, -1])
-    logprobs = torch.stack(recorder.gathered, dim=1).cpu()
-    ended = stoppers[0].lengths if stoppers else {}
-    completions = []
-    for row in range(out.shape[0]):
-        n = ended.get(row, out.shape[1] - prompt_len)
-        ids = out[row, prompt_len:prompt_len + n].tolist()
-        completions.append(Completion(ids=ids, logprobs=logprobs[row, :n].tolist(),
-                                      text=tok.decode(ids, skip_special_tokens=True),
-                                      truncated=bool(kind) and row not in ended))
-    return completions
+    tok, core = policy.tokenizer, _core(policy.model)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    inputs, _ = collate(prompts, [[] for _ in prompts], tok.pad_token_id, tok.convert_tokens_to_ids("<|image_pad|>"))
+    inputs = _to(inputs, policy.device, _compute_dtype(policy.model))
+    suppress = torch.tensor(policy.suppress_ids, dtype=torch.long, device=policy.device)
+    banned = None if kind else torch.tensor([eos], device=policy.device)
+    stopper = _StopAtTag(tok, 0, CLOSING_TAG[kind], eos) if kind else None
+    positions, deltas = _prompt_positions(core, inputs)
+    mask = inputs["attention_mask"]
+    out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    tokens, logps = [], []
+    for step in range(max_new_tokens):
+        token, logp = _draw(out.logits[:, -1], suppress, temperature, top_p, top_k, banned)
+        tokens.append(token)
+        logps.append(logp)
+        if step == max_new_tokens - 1 or (stopper and stopper(torch.stack(tokens, 1)).all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        text = mask.sum(-1, keepdim=True) - 1  # each row's next text position
+        out = core(input_ids=token[:, None], attention_mask=mask, use_cache=True, past_key_values=out.past_key_values,
+                   position_ids=torch.cat([text[None], (text + deltas)[None].expand(3, -1, -1)]), logits_to_keep=1)
+    return _completions(tok, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), stopper)
+
+
+def _completions(tok, ids: torch.Tensor, logps: torch.Tensor, stopper) -> list[Completion]:
+    """Each row cut where it stopped (or at the budget), with its text."""
+    ended = stopper.lengths if stopper else {}
+    rows = []
+    for row in range(ids.shape[0]):
+        n = ended.get(row, ids.shape[1])
+        kept = ids[row, :n].tolist()
+        rows.append(Completion(ids=kept, logprobs=logps[row, :n].tolist(),
+                               text=tok.decode(kept, skip_special_tokens=True),
+                               truncated=stopper is not None and row not in ended))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

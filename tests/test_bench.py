@@ -61,3 +61,21 @@ def test_weight_count_matches_the_unquantised_architecture(model_cache, tmp_path
     assert result["training_state"] == dict(gradients_fp32=4 * lora["params"], optimizer=8 * lora["params"])
     bench.print_weights(result)
     assert "| language model linear layers, NF4 |" in capsys.readouterr().out
+
+
+def test_the_gpu_command_runs_end_to_end_on_a_cpu(world, model_cache, tmp_path, capsys):
+    """`bench.py gpu` takes the tiny preset on a CPU through the path a GPU takes with the 3B and 7B:
+    steps mode on the release's sample step file, an update's memory and phases, decode speed and
+    its bandwidth bound, and the larger preset's memory."""
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--device", "cpu", "--steps", "1", "--model_cache", model_cache, "--world_dir", str(world),
+                "--questions_per_step", "2", "--group_size", "2", "--max_new_tokens_plan", "8",
+                "--max_new_tokens_answer", "8", "--beta", "0.04", "--json", str(out)])
+    result = json.loads(out.read_text())
+    small = result["small"]
+    assert small["config"]["mode"] == "steps" and small["work"]["sequences"] == 4
+    assert small["phases"]["generation"] > 0 and small["phases"]["reference forward"] > 0
+    assert small["decode_bytes"] > 0 and result["bandwidth_gb_s"] > 0
+    assert result["decode_bound_tokens_s"] > small["sampled_tokens_per_s"] > 0
+    assert result["large"]["peak_rss_gb"] > 0
+    assert "tokens/s sampled; bound" in capsys.readouterr().out

@@ -265,3 +265,29 @@ def test_train_lm_head_trains_a_copy_and_keeps_the_reference_exact(tiny_cfg):
     optimizer.step()
     assert torch.equal(ref_before, more.reference_logprobs(policy, inputs, mask))
     assert (more.token_logprobs(policy, inputs, mask).detach() - ref_before)[mask].abs().max() > 1e-3
+
+
+def test_greedy_decoding_equals_generate_token_for_token(shared_policy):
+    """The hand-written decode loop against transformers' `generate` (a trusted implementation of
+    the KV cache and M-RoPE positions), greedy, on image and text-only prompts with left padding."""
+    from transformers import GenerationConfig
+    prompts = mixed_batch(shared_policy)
+    tok = shared_policy.tokenizer
+    inputs, _ = batch_tensors(shared_policy, prompts, [[] for _ in prompts])
+    for kind, budget in (("plan", 40), (None, 24)):
+        ours = more.sample(shared_policy, prompts, kind, budget, temperature=0.0)
+        config = GenerationConfig(do_sample=False, max_new_tokens=budget, min_new_tokens=0 if kind else budget,
+                                  suppress_tokens=shared_policy.suppress_ids, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+        with torch.no_grad():
+            out = shared_policy.model.generate(**inputs, generation_config=config, output_logits=True,
+                                               return_dict_in_generate=True)
+        reference = out.sequences[:, inputs["input_ids"].shape[1]:]
+        logits = torch.stack(out.logits, 1).float()  # the policy's raw logits at each step, as generate saw them
+        logits[..., shared_policy.suppress_ids] = float("-inf")
+        expected = torch.log_softmax(logits, -1).gather(2, reference[..., None])[..., 0]
+        for row, completion in enumerate(ours):
+            n = len(completion.ids)
+            assert completion.ids == reference[row, :n].tolist()
+            assert n == budget or kind  # fixed-size work runs to the budget
+            assert torch.allclose(torch.tensor(completion.logprobs), expected[row, :n], atol=1e-5, rtol=0)
