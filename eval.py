@@ -250,10 +250,11 @@ def load_eval_questions(cfg, split: str, benchmark: str | None, questions_file: 
 
 def evaluate_command(args, overrides) -> None:
     cfg = load_config(args.config, overrides)
-    methods = parse_methods(args.methods, list(cfg.experts))
+    gold_reader = args.policy == "gold-reader"
+    default = "direct,single:text,single:image,single:table,random,oracle" + ("" if gold_reader else ",policy")
+    methods = parse_methods(args.methods or default, list(cfg.experts))
     questions, root = load_eval_questions(cfg, args.split, args.benchmark, args.questions, args.image_root, args.limit)
     out_dir = Path(args.out)
-    gold_reader = args.policy == "gold-reader"
     records = run_methods(cfg, questions, methods, args.checkpoint, args.gold_sub_questions, out_dir, root,
                           gold_reader)
     table = summarise(records)
@@ -282,8 +283,8 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="a JSON config, e.g. tiny.json")
     parser.add_argument("--checkpoint", default=None, help="a trained adapter: run folder, checkpoint or adapter")
     parser.add_argument("--split", default="test", help="mini-world split: train, validation or test")
-    parser.add_argument("--methods", default="direct,single:text,single:image,single:table,random,oracle,policy",
-                        help=METHODS_HELP)
+    parser.add_argument("--methods", default=None,
+                        help=METHODS_HELP + "; default: all of them (all but policy with the gold reader)")
     parser.add_argument("--gold-sub-questions", action="store_true",
                         help="ask the experts the gold plan's sub-questions: isolates routing from the policy's writing")
     parser.add_argument("--policy", choices=["model", "gold-reader"], default="model",

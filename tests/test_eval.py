@@ -208,3 +208,16 @@ def test_evaluation_command_errors_name_the_problem(world, model_cache, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         ev.main(["--config", str(config), "--out", str(tmp_path / "e"), *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_gold_reader_runs_every_method_it_can_by_default(world, model_cache, tmp_path):
+    """`eval.py --policy gold-reader` as the README writes it, without --methods: every method but
+    `policy` (the gold reader has no routing of its own)."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world)}))
+    out = tmp_path / "e"
+    ev.main(["--config", str(config), "--policy", "gold-reader", "--max_steps", "3", "--limit", "4", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert [name.split("/")[1] for name in summary] == ["direct", "single:text", "single:image", "single:table",
+                                                        "random", "oracle"]
+    assert summary["mini_world/oracle"]["recall"] == 100.0
