@@ -282,7 +282,7 @@ class _StopAtTag:
         self.closers = _ids_containing(tokenizer, tag[-1])
         self.lengths: dict[int, int] = {}
 
-    def __call__(self, input_ids, scores=None, **kwargs):
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         last = input_ids[:, -1]
         may_close = torch.isin(last, self.closers.to(last.device)) | (last == self.eos_id)
         for row in may_close.nonzero()[:, 0].tolist():

@@ -148,7 +148,7 @@ def test_sampled_completions_stop_at_the_closing_tag_and_never_emit_vision_token
 
 
 def test_stopper_ends_each_row_at_the_first_closing_tag_or_end_of_turn(shared_policy):
-    """Step by step as generate calls it, on random rows with tags planted: the length recorded is
+    """Step by step as the decode loop calls it, on random rows with tags planted: the length recorded is
     the first prefix whose text holds the tag (or ends the turn), whatever token completes it."""
     tok = shared_policy.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -166,7 +166,7 @@ def test_stopper_ends_each_row_at_the_first_closing_tag_or_end_of_turn(shared_po
     batch = torch.tensor([prompt + ids for ids in rows])
     stopper = more._StopAtTag(tok, len(prompt), "</ret>", eos)
     for t in range(1, 31):
-        stopper(batch[:, :len(prompt) + t], None)
+        stopper(batch[:, :len(prompt) + t])
     for row, ids in enumerate(rows):
         expected = next((n for n in range(1, 31) if ids[n - 1] == eos or
                          "</ret>" in tok.decode(ids[:n][-16:], skip_special_tokens=False)), None)
