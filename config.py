@@ -290,6 +290,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def command_config(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse a command whose config keys are options too: (its own arguments, a `load()` that
+    refuses an unknown option, then loads `--config` with the keys given; call it inside run_command)."""
+    own = {action.dest for action in parser._actions}
+    add_config_arguments(parser)
+    args, unknown = parser.parse_known_args(underscored(list(sys.argv[1:] if argv is None else argv)))
+    overrides = {k: v for k, v in vars(args).items() if k not in own}
+
+    def load() -> Config:
+        if unknown:
+            raise unknown_option(unknown[0])
+        return load_config(args.config, overrides)
+    return args, load
+
+
 def underscored(args: list[str]) -> list[str]:
     """`--model-name` → `--model_name` for config keys, so that either spelling works."""
     names = {f.name for f in fields(Config)}

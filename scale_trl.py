@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import data
 import more
 import protocol
 import world
-from config import UserError, add_config_arguments, load_config, run_command, underscored, unknown_option
+from config import UserError, command_config, run_command
 from experts import TextEncoder
 from rewards import SubQuestionSimilarity, official_step_reward
 from step_grpo import load_step_samples, require_steps_file
@@ -150,15 +149,8 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="a JSON config, e.g. small.json")
     parser.add_argument("--vllm", choices=["colocate", "server"], default=None,
                         help="generate with vLLM (GPU only; `trl vllm-serve` must run for 'server')")
-    add_config_arguments(parser)
-    args, unknown = parser.parse_known_args(underscored(list(sys.argv[1:] if argv is None else argv)))
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "vllm")}
-
-    def body():
-        if unknown:
-            raise unknown_option(unknown[0])
-        return train(load_config(args.config, overrides), args.vllm)
-    run_command("scale_trl.py", body)
+    args, load = command_config(parser, argv)
+    run_command("scale_trl.py", lambda: train(load(), args.vllm))
 
 
 if __name__ == "__main__":

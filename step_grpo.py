@@ -30,7 +30,7 @@ import rollout
 import world
 from checkpoint import (checkpoint_to_resume, drop_rows_after, read_training_state, restore_training_state,
                         save_checkpoint)
-from config import Config, UserError, add_config_arguments, load_config, run_command, underscored, unknown_option
+from config import Config, UserError, command_config, run_command
 from experts import build_experts, write_jsonl
 from metric import score
 from rewards import SubQuestionSimilarity, official_step_reward, trajectory_rewards
@@ -529,15 +529,8 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="a JSON config: tiny.json (CPU) or small.json (GPU)")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N updates in all")
-    add_config_arguments(parser)
-    args, unknown = parser.parse_known_args(underscored(list(sys.argv[1:] if argv is None else argv)))
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "stop_after")}
-
-    def body():
-        if unknown:
-            raise unknown_option(unknown[0])
-        return train(load_config(args.config, overrides), resume=args.resume, stop_after=args.stop_after)
-    out = run_command("step_grpo.py", body)
+    args, load = command_config(parser, argv)
+    out = run_command("step_grpo.py", lambda: train(load(), resume=args.resume, stop_after=args.stop_after))
     print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
 
 
