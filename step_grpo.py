@@ -246,17 +246,28 @@ def sft_update(policy, optimizer, samples, cfg) -> float:
 
 
 def supervised_update(policy, optimizer, prompt_ids, target_ids, images, cfg) -> float:
-    """Mean negative log-likelihood of the target tokens after their prompts; one optimiser step."""
+    """Mean negative log-likelihood of the target tokens after their prompts; one optimiser step.
+
+    Sequences are sorted by length into micro-batches of cfg.micro_batch, so that little of a
+    forward is padding; each micro-batch's loss is weighted by its share of the target tokens, so
+    the gradient is that of the whole batch's token mean.
+    """
     steps = [rollout.Step("sft", p, t, [], "", True) for p, t in zip(prompt_ids, target_ids)]
+    order = sorted(range(len(steps)), key=lambda i: len(steps[i].prompt_ids) + len(steps[i].completion_ids))
+    total = sum(len(t) for t in target_ids)
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
-    inputs, mask = rollout.training_batch(policy, steps, images)
-    logp = more.token_logprobs(policy, inputs, mask)
-    loss = -masked_mean(logp, mask.to(logp.device), "token")
-    loss.backward()
+    loss_sum = 0.0
+    for start in range(0, len(order), cfg.micro_batch):
+        rows = order[start:start + cfg.micro_batch]
+        inputs, mask = rollout.training_batch(policy, [steps[i] for i in rows], [images[i] for i in rows])
+        logp = more.token_logprobs(policy, inputs, mask)
+        loss = -(logp * mask.to(logp.device)).sum() / total
+        loss.backward()
+        loss_sum += loss.item()
     torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm)
     optimizer.step()
-    return loss.item()
+    return loss_sum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +386,8 @@ def step_metrics(rewards_by_kind, samples, trajectories, hops_by_id, zero_std, g
         plans = [s for t in trajectories for s in t.steps if s.kind == "plan"]
         usage = Counter(k for s in plans for k in s.experts)
         out.update({f"expert_{k}": usage[k] / max(len(plans), 1) for k in ("text", "image", "table")})
+        calls = np.array([n for n in usage.values() if n], dtype=float) / max(sum(usage.values()), 1)
+        out["expert_entropy"] = float(-(calls * np.log(calls)).sum())  # nats; collapse onto one expert: 0
         out["valid_plan_fraction"] = float(np.mean([s.valid for s in plans])) if plans else 0.0
         out.update(routing_stats(trajectories, hops_by_id))
     return out
@@ -385,13 +398,17 @@ def routing_stats(trajectories, hops_by_id: dict) -> dict:
     expert is in the hop's gold-expert set (what plan_reward credits; hops no expert can answer are
     left out, as in eval.py), and `evidence_found`, the share whose expert's top-k for the policy's own
     sub-question held the evidence (the live probe)."""
-    routed, found = [], []
+    routed, found, by_round = [], [], defaultdict(list)
     for t in trajectories:
-        routed += rollout.routed_right(t, hops_by_id[t.question_id])
-        found += [len(s.experts) == 1 and s.probe.get(s.experts[0], False)
-                  for s in rollout.retrieving_plans(t, hops_by_id[t.question_id])]
+        hops = hops_by_id[t.question_id]
+        judged = [s for s in rollout.retrieving_plans(t, hops) if hops[s.hop].gold_experts]
+        for step, right in zip(judged, rollout.routed_right(t, hops)):
+            routed.append(right)
+            by_round[step.hop].append(right)
+        found += [len(s.experts) == 1 and s.probe.get(s.experts[0], False) for s in rollout.retrieving_plans(t, hops)]
     return {"routing_accuracy": float(np.mean(routed)) if routed else 0.0,
-            "evidence_found": float(np.mean(found)) if found else 0.0}
+            "evidence_found": float(np.mean(found)) if found else 0.0,
+            **{f"routing_accuracy_round{r + 1}": float(np.mean(v)) for r, v in sorted(by_round.items())}}
 
 
 def evaluate(policy, experts, questions, cfg) -> dict:

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -355,3 +356,33 @@ def test_the_cap_drops_the_lowest_ranked_passages_first():
     assert protocol.drop_last_passages(user, 1) == "Header:ter-0: first passage\nter-1: second passage\n\n Give me the answer to: q"
     assert protocol.drop_last_passages(user, 3) == "Header:\n\n Give me the answer to: q"
     assert protocol.drop_last_passages(user, 0) == user
+
+
+def test_the_supervised_update_is_the_same_in_one_batch_or_length_sorted_micro_batches(policy_and_samples):
+    policy, steps = policy_and_samples
+    prompts, targets = [s.prompt_ids for s in steps], [s.completion_ids[:3 + i] for i, s in enumerate(steps)]
+    grads = []
+    for micro in (4, 1):
+        optimizer = torch.optim.SGD(sg._trainable(policy), lr=0.0)  # a step that changes nothing
+        loss = sg.supervised_update(policy, optimizer, prompts, targets, [None] * 4, Config(micro_batch=micro,
+                                                                                              max_grad_norm=1e9))
+        grads.append((loss, [p.grad.clone() for p in sg._trainable(policy)]))
+    (loss_a, a), (loss_b, b) = grads
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+
+def test_the_training_metrics_say_how_spread_routing_is_and_how_right_per_round():
+    import rollout
+    from data import Hop
+    hops = [Hop("q1", "a", ["d"], gold_experts=["text"]), Hop("q2", "b", ["e"], gold_experts=["table"])]
+    plan = lambda hop, kind: rollout.Step("plan", [], [1], [0.0], "", True, experts=[kind], hop=hop)
+    trajectories = [rollout.Trajectory("q", 0, "Q?", None, steps=[plan(0, "text"), plan(1, "table")]),
+                    rollout.Trajectory("q", 1, "Q?", None, steps=[plan(0, "image"), plan(1, "table")])]
+    stats = sg.routing_stats(trajectories, {"q": hops})
+    assert stats["routing_accuracy_round1"] == 0.5 and stats["routing_accuracy_round2"] == 1.0
+    samples = [sg.Sample(s, None, 0.0) for t in trajectories for s in t.steps]
+    policy = type("P", (), {"device": torch.device("cpu")})()
+    row = sg.step_metrics({}, samples, trajectories, {"q": hops}, 0.0, 1.0, policy)
+    shares = np.array([1, 1, 2]) / 4  # text, image, table calls
+    assert row["expert_entropy"] == pytest.approx(-(shares * np.log(shares)).sum())
