@@ -74,6 +74,10 @@ class Config:
     """Expert kinds the policy may call, in prompt order: any of text, image, table."""
     world_dir: str = "runs/world"
     """The embedded mini world (questions, corpora, indexes); built on first use when missing."""
+    world_seed: int = 0
+    """Seed of the mini world built in world_dir (its towns, people and questions); a built world must match it."""
+    prompts: str = "release"
+    """System prompts: 'release' (the authors' texts) or 'compact' (one line each, the same tags; for the tiny model)."""
     index_dir: str = ""
     """Folder with one built expert per kind (<index_dir>/text, …); empty means <world_dir>/indexes."""
     text_encoder: str = "minilm"
@@ -165,6 +169,7 @@ CHOICES = {
     "optimizer": ("adamw", "paged_adamw_8bit"),
     "text_pooling": ("mean", "cls"),
     "answer_reward": ("f1", "recall"),
+    "prompts": ("release", "compact"),  # protocol.PROMPT_STYLES
 }
 EXPERT_KINDS = ("text", "image", "table")
 
@@ -186,6 +191,7 @@ def _within(low, high, low_open=False):
 RULES = {
     "lora_r": _at_least(1), "lora_alpha": _at_least(1), "lora_dropout": _within(0.0, 0.9),
     "min_pixels": _at_least(784), "max_pixels": _at_least(784), "seed": _within(0, 2**32 - 1),
+    "world_seed": _within(0, 2**32 - 1),
     "temperature": _within(0.0, 100.0), "top_p": _within(0.0, 1.0, low_open=True), "top_k": _at_least(0),
     "max_new_tokens_plan": _at_least(1), "max_new_tokens_answer": _at_least(1), "max_steps": _at_least(0),
     "group_size": _at_least(2), "retrieve_k": _at_least(1), "show_k": _at_least(1),
@@ -386,10 +392,12 @@ def load_config(path: str | None, overrides: list[str] | dict | None = None) -> 
 def resume_differences(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences between a checkpoint's config and this run's, one line each.
 
-    `train_steps` is refused under a cosine schedule, whose learning rate depends on it.
+    `train_steps` is refused under a cosine schedule, whose learning rate depends on it. A field
+    added after the checkpoint was written counts as its default there (what the code then did).
     """
     refused, allowed = [], []
-    current = asdict(cfg)
+    current, defaults = asdict(cfg), asdict(Config())
+    saved = {**{name: value for name, value in defaults.items() if name not in saved}, **saved}
     for name in sorted(set(saved) | set(current)):
         if saved.get(name) == current.get(name):
             continue

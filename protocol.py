@@ -63,6 +63,36 @@ def plan_system_prompt(experts) -> str:
         f"Retriever Selection Guidelines:\n{guide}")
 
 
+@dataclass(frozen=True)
+class SystemPrompts:
+    """The fixed texts of one prompt style: the three steps' system prompts and the passages' header."""
+    plan: str
+    answer: str
+    final: str
+    passages_header: str
+
+
+# The compact style: the same tags, the same user turns, one line of system prompt per step. For
+# the tiny model (presets.py), which pays in CPU time for every token of the release's instructions
+# and, trained from random weights, cannot follow them: with its tokenizer the plan step's system
+# prompt shrinks from 241 to 56 tokens, the answer step's (with the passages' header) from 121 to 30.
+# Real models keep the release's.
+COMPACT_ANSWER = "Answer the question from the passages: <think>…</think><answer>…</answer>"
+COMPACT_FINAL = "Answer the origin question from the answers: <think>…</think><answer>…</answer>"
+COMPACT_PASSAGES_HEADER = "Passages:\n"
+PROMPT_STYLES = ("release", "compact")
+
+
+def system_prompts(experts, style: str = "release") -> SystemPrompts:
+    """The system prompts of `style` ('release' or 'compact') for these experts (see plan_system_prompt)."""
+    if style == "release":
+        return SystemPrompts(plan_system_prompt(experts), ANSWER_SYSTEM_PROMPT, FINAL_SYSTEM_PROMPT, PASSAGES_HEADER)
+    names = ", ".join(e.name if hasattr(e, "name") else e[0] for e in experts)
+    plan = (f"Next hop: <think>…</think><sub-question>…</sub-question><ret>…</ret>, ret one of {names}; "
+            "None and None when done.")
+    return SystemPrompts(plan, COMPACT_ANSWER, COMPACT_FINAL, COMPACT_PASSAGES_HEADER)
+
+
 def history_text(question: str, hops) -> str:
     """`Origin question: …` followed by `Sub-questionN: …\\nAnswerN: …` lines, as released."""
     lines = [f"Origin question: {question}"]
@@ -71,7 +101,7 @@ def history_text(question: str, hops) -> str:
     return "\n".join(lines) + "\n"
 
 
-def passages_text(hits) -> str:
+def passages_text(hits, header: str = PASSAGES_HEADER) -> str:
     """Retrieved passages, one per line as `ter-0: …`; `hits` carry `.expert` (a kind) and `.text`."""
     counters: dict[str, int] = {}
     lines = []
@@ -79,11 +109,11 @@ def passages_text(hits) -> str:
         tag = PASSAGE_TAGS[hit.expert]
         lines.append(f"{tag}-{counters.get(tag, 0)}: {hit.text}")
         counters[tag] = counters.get(tag, 0) + 1
-    return PASSAGES_HEADER + "\n".join(lines)
+    return header + "\n".join(lines)
 
 
-def answer_user_text(sub_question: str, hits) -> str:
-    return (f"{passages_text(hits)}\n\n Give me the answer(with the format <answer></answer>) to the "
+def answer_user_text(sub_question: str, hits, header: str = PASSAGES_HEADER) -> str:
+    return (f"{passages_text(hits, header)}\n\n Give me the answer(with the format <answer></answer>) to the "
             f"Question: {sub_question}")
 
 

@@ -193,17 +193,17 @@ def rollout(sampler: Sampler, experts: list, questions: list, cfg, group_size: i
     """
     states = [_State(Trajectory(q.qid, g, q.question, image_path(q.image, image_root), golds=list(q.answers)),
                      list(q.hops)) for q in questions for g in range(group_size)]
-    plan_system = protocol.plan_system_prompt(experts)
+    system = protocol.system_prompts(experts, cfg.prompts)
     for hop in range(cfg.max_steps):
         active = [s for s in states if s.retrieving]
         if not active:
             break
-        planned = _plan_round(sampler, active, experts, plan_system, hop, router)
+        planned = _plan_round(sampler, active, experts, system.plan, hop, router)
         if planned:
             with phase("expert calls"):
                 passages = _call_experts(experts, planned, hop, cfg.retrieve_k)
-            _answer_round(sampler, planned, passages, hop, cfg.show_k)
-    _final_round(sampler, states)
+            _answer_round(sampler, planned, passages, hop, cfg.show_k, system)
+    _final_round(sampler, states, system)
     return [s.trajectory for s in states]
 
 
@@ -278,7 +278,7 @@ def _as_str(image):
     return None if image is None else str(image)
 
 
-def _answer_round(sampler, planned, passages, hop, show_k):
+def _answer_round(sampler, planned, passages, hop, show_k, system: protocol.SystemPrompts):
     """Sub-answer step over the top `show_k` passages of each chosen expert, in the order chosen."""
     prompts = []
     for state, hits in zip(planned, passages):
@@ -287,8 +287,8 @@ def _answer_round(sampler, planned, passages, hop, show_k):
         for hit in hits:
             by_expert.setdefault(hit.expert, []).append(hit)
         shown = [h for kind in plan.experts for h in by_expert.get(kind, [])[:show_k]]
-        prompts.append(StepPrompt(protocol.ANSWER_SYSTEM_PROMPT, protocol.answer_user_text(plan.sub_question, shown),
-                                  state.trajectory.image))
+        user = protocol.answer_user_text(plan.sub_question, shown, system.passages_header)
+        prompts.append(StepPrompt(system.answer, user, state.trajectory.image))
     for state, (prompt_ids, completion) in zip(planned, sampler(prompts, "answer")):
         parsed = protocol.parse_answer(completion.text)
         plan = state.trajectory.steps[-1]
@@ -300,8 +300,8 @@ def _answer_round(sampler, planned, passages, hop, show_k):
             state.retrieving = False
 
 
-def _final_round(sampler, states):
-    prompts = [StepPrompt(protocol.FINAL_SYSTEM_PROMPT, protocol.final_user_text(s.trajectory.question, s.hops),
+def _final_round(sampler, states, system: protocol.SystemPrompts):
+    prompts = [StepPrompt(system.final, protocol.final_user_text(s.trajectory.question, s.hops),
                           s.trajectory.image) for s in states]
     for state, (prompt_ids, completion) in zip(states, sampler(prompts, "final")):
         parsed = protocol.parse_answer(completion.text)

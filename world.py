@@ -14,6 +14,7 @@ A training run builds the default world on first use (`ensure_world`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -217,10 +218,12 @@ def label_gold_experts(questions: list[Question], experts, k: int, image_dir: Pa
 # Step files in the official schema, from gold plans and real retrieval (teacher-forced states).
 
 
-def step_file_rows(questions: list[Question], experts, show_k: int, image_dir: Path) -> tuple[list[dict], int]:
-    """Official-schema trajectories; questions with a hop no expert can answer are left out (counted)."""
+def step_file_rows(questions: list[Question], experts, show_k: int, image_dir: Path,
+                   prompts: str = "release") -> tuple[list[dict], int]:
+    """Official-schema trajectories, with the system prompts of style `prompts`; questions with a hop
+    no expert can answer are left out (counted)."""
     by_kind = {e.kind: e for e in experts}
-    plan_system = protocol.plan_system_prompt(experts)
+    system = protocol.system_prompts(experts, prompts)
     rows, skipped = [], 0
     for q in questions:
         if any(not h.gold_experts for h in q.hops):
@@ -230,15 +233,15 @@ def step_file_rows(questions: list[Question], experts, show_k: int, image_dir: P
         steps, history = [], []
         for hop in q.hops:
             names = [EXPERT_NAMES[kind].lower() for kind in hop.gold_experts]
-            steps.append({"step_type": "ret", "system": plan_system, "problem": image + protocol.history_text(q.question, history),
+            steps.append({"step_type": "ret", "system": system.plan, "problem": image + protocol.history_text(q.question, history),
                           "answer": {"query": hop.sub_question, "retriever": names}})
             hits = by_kind[hop.gold_experts[0]].search([hop_query(q, hop, image_dir)], show_k)[0]
-            steps.append({"step_type": "ans", "system": protocol.ANSWER_SYSTEM_PROMPT,
-                          "problem": image + protocol.answer_user_text(hop.sub_question, hits), "answer": hop.sub_answer})
+            steps.append({"step_type": "ans", "system": system.answer, "answer": hop.sub_answer,
+                          "problem": image + protocol.answer_user_text(hop.sub_question, hits, system.passages_header)})
             history.append((hop.sub_question, hop.sub_answer))
-        steps.append({"step_type": "ret", "system": plan_system, "problem": image + protocol.history_text(q.question, history),
+        steps.append({"step_type": "ret", "system": system.plan, "problem": image + protocol.history_text(q.question, history),
                       "answer": {"query": "none", "retriever": ["none"]}})
-        steps.append({"step_type": "ans", "system": protocol.FINAL_SYSTEM_PROMPT,
+        steps.append({"step_type": "ans", "system": system.final,
                       "problem": image + protocol.final_user_text(q.question, history), "answer": list(q.answers)})
         rows.append({"images": [q.image] if q.image else [], "steps": steps})  # relative to the world folder
     return rows, skipped
@@ -266,9 +269,13 @@ def write_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40)
     return split_questions(questions, seed)
 
 
-def build_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40, k: int = 10, show_k: int = 5):
-    """The whole embedded default: world, expert indexes, gold-expert labels, step files."""
+def build_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40, k: int = 10, show_k: int = 5,
+                prompts: str = "release"):
+    """The whole embedded default: world, expert indexes, gold-expert labels, step files (their
+    system prompts of style `prompts`), and world.json, which says how it was built."""
     splits = write_world(out, seed, n_towns, per_kind)
+    (out / "world.json").write_text(json.dumps(dict(world_seed=seed, towns=n_towns, per_kind=per_kind, show_k=show_k,
+                                                    prompts=prompts)))
     encoder, pixels = TextEncoder("minilm"), PixelImageEncoder()
     experts = []
     for kind in ("text", "image", "table"):
@@ -279,7 +286,7 @@ def build_world(out: Path, seed: int = 0, n_towns: int = 60, per_kind: int = 40,
     for name, questions in splits.items():
         label_gold_experts(questions, experts, k, image_dir=out)
         write_jsonl(out / f"questions_{name}.jsonl", [question_to_row(q) for q in questions])
-        rows, skipped = step_file_rows(questions, experts, show_k, out)
+        rows, skipped = step_file_rows(questions, experts, show_k, out, prompts)
         write_jsonl(out / f"steps_{name}.jsonl", rows)
         print(f"{name}: {len(questions)} questions, {len(rows)} step trajectories ({skipped} left out: "
               f"a hop no expert could answer)")
@@ -290,6 +297,7 @@ def ensure_world(cfg) -> None:
     """Build the default mini world on first use, so a fresh clone runs with no set-up step."""
     index_dir = Path(cfg.index_dir or Path(cfg.world_dir) / "indexes")
     if all((index_dir / kind / "expert.json").exists() for kind in cfg.experts):
+        check_world_matches(cfg)
         return
     if index_dir != Path(cfg.world_dir) / "indexes":
         raise UserError(f"no expert indexes at {index_dir} (expected {', '.join(cfg.experts)}); "
@@ -303,8 +311,25 @@ def ensure_world(cfg) -> None:
     # which the next run replaces, never a world_dir that every later run would fail on.
     tmp = world.with_name(world.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_world(tmp, seed=cfg.seed)
+    build_world(tmp, seed=cfg.world_seed, show_k=cfg.show_k, prompts=cfg.prompts)
     os.replace(tmp, world)
+
+
+def check_world_matches(cfg) -> None:
+    """A world built by build_world must have the config's world_seed, as its world.json records it;
+    and, when the run reads the world's step files (steps mode or a warm start, without a steps_file
+    of its own), the show_k and prompts they were written with."""
+    built = Path(cfg.world_dir) / "world.json"
+    if not built.exists():
+        return  # experts built elsewhere (experts.py build): nothing recorded to compare
+    how = json.loads(built.read_text())
+    wanted = dict(world_seed=cfg.world_seed)
+    if not cfg.steps_file and (cfg.mode == "steps" or cfg.sft_steps):
+        wanted.update(show_k=cfg.show_k, prompts=cfg.prompts)
+    differ = [f"{name} {how.get(name)!r} (config: {value!r})" for name, value in wanted.items() if how.get(name) != value]
+    if differ:
+        raise UserError(f"world_dir {cfg.world_dir} was built with {', '.join(differ)}: point world_dir elsewhere "
+                        f"(a world is built there on first use)")
 
 
 def main(argv=None):
@@ -313,8 +338,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--towns", type=int, default=60)
     parser.add_argument("--per-kind", type=int, default=40, help="questions of each kind, before splitting")
+    parser.add_argument("--prompts", choices=protocol.PROMPT_STYLES, default="release",
+                        help="system prompts of the step files: the release's, or compact (one line each)")
     args = parser.parse_args(argv)
-    run_command("world.py", lambda: build_world(Path(args.out), args.seed, args.towns, args.per_kind))
+    run_command("world.py", lambda: build_world(Path(args.out), args.seed, args.towns, args.per_kind,
+                                                prompts=args.prompts))
 
 
 if __name__ == "__main__":

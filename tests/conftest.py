@@ -37,7 +37,7 @@ def shared_policy(model_cache):
 
 def run_config(tmp_path, world, model_cache, name, **overrides) -> Path:
     """A config file for a short CPU run of the tiny model on the test world, in tmp_path/name."""
-    cfg = {"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world), "device": "cpu",
+    cfg = {"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world), "world_seed": 3, "device": "cpu",
            "sft_steps": 2, "train_steps": 2, "questions_per_step": 2, "group_size": 2, "sft_batch": 4,
            "max_new_tokens_plan": 20, "max_new_tokens_answer": 12, "save_every": 100, "eval_every": 2,
            "eval_questions": 2, "out_dir": str(tmp_path / name), "max_steps": 1, **overrides}

@@ -11,7 +11,7 @@ def test_training_breakdown_accounts_for_the_update(world, model_cache, tmp_path
     timed twice (the remainder turns negative)."""
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
-                                  "world_dir": str(world), "questions_per_step": 2, "group_size": 2, "max_steps": 1,
+                                  "world_dir": str(world), "world_seed": 3, "questions_per_step": 2, "group_size": 2, "max_steps": 1,
                                   "max_new_tokens_plan": 16, "max_new_tokens_answer": 8, "beta": 0.04}))
     out = tmp_path / "bench.json"
     bench.main(["--config", str(config), "--steps", "1", "--json", str(out)])
@@ -68,7 +68,7 @@ def test_the_gpu_command_runs_end_to_end_on_a_cpu(world, model_cache, tmp_path, 
     steps mode on the release's sample step file, an update's memory and phases, decode speed and
     its bandwidth bound, and the larger preset's memory."""
     out = tmp_path / "gpu.json"
-    bench.main(["gpu", "--device", "cpu", "--steps", "1", "--model_cache", model_cache, "--world_dir", str(world),
+    bench.main(["gpu", "--device", "cpu", "--steps", "1", "--model_cache", model_cache, "--world_dir", str(world), "--world_seed", "3",
                 "--questions_per_step", "2", "--group_size", "2", "--max_new_tokens_plan", "8",
                 "--max_new_tokens_answer", "8", "--beta", "0.04", "--json", str(out)])
     result = json.loads(out.read_text())

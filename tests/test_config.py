@@ -49,3 +49,12 @@ def test_missing_and_malformed_files_are_named(tmp_path):
 def test_shipped_configs_load(name):
     from conftest import ROOT
     load_config(str(ROOT / name))
+
+
+def test_a_checkpoint_older_than_a_field_resumes_as_if_it_had_the_default():
+    from dataclasses import asdict
+    from config import resume_differences
+    saved = {k: v for k, v in asdict(Config()).items() if k not in ("prompts", "world_seed")}
+    assert resume_differences(saved, Config()) == ([], [])
+    refused, _ = resume_differences(saved, Config(prompts="compact"))
+    assert refused == ["prompts: checkpoint 'release', now 'compact'"]

@@ -133,7 +133,7 @@ from config import Config  # noqa: E402
 
 
 def world_config(world, model_cache, **overrides):
-    return Config(model_name="tiny", model_cache=model_cache, device="cpu", world_dir=str(world),
+    return Config(model_name="tiny", model_cache=model_cache, device="cpu", world_dir=str(world), world_seed=3,
                   index_dir=str(world / "indexes"), **overrides)
 
 
@@ -185,7 +185,7 @@ def test_oracle_routing_beats_every_single_expert_on_several_expert_questions(wo
 def test_evaluation_command_with_the_tiny_policy(world, model_cache, tmp_path, capsys):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "device": "cpu",
-                                  "world_dir": str(world), "max_steps": 1, "max_new_tokens_plan": 16,
+                                  "world_dir": str(world), "world_seed": 3, "max_steps": 1, "max_new_tokens_plan": 16,
                                   "max_new_tokens_answer": 8}))
     out = tmp_path / "eval"
     ev.main(["--config", str(config), "--split", "test", "--limit", "3", "--methods", "policy,single:table,direct",
@@ -204,7 +204,7 @@ def test_evaluation_command_with_the_tiny_policy(world, model_cache, tmp_path, c
 ])
 def test_evaluation_command_errors_name_the_problem(world, model_cache, tmp_path, capsys, args, message):
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world)}))
+    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world), "world_seed": 3}))
     with pytest.raises(SystemExit) as exit_info:
         ev.main(["--config", str(config), "--out", str(tmp_path / "e"), *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -214,7 +214,7 @@ def test_the_gold_reader_runs_every_method_it_can_by_default(world, model_cache,
     """`eval.py --policy gold-reader` as the README writes it, without --methods: every method but
     `policy` (the gold reader has no routing of its own)."""
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world)}))
+    config.write_text(json.dumps({"model_name": "tiny", "model_cache": model_cache, "world_dir": str(world), "world_seed": 3}))
     out = tmp_path / "e"
     ev.main(["--config", str(config), "--policy", "gold-reader", "--max_steps", "3", "--limit", "4", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())

@@ -149,3 +149,15 @@ def test_every_gold_completion_of_the_release_step_file_parses():
             assert protocol.parse_answer(text).valid, text
         parsed += 1
     assert parsed >= len(samples) - 1
+
+
+def test_compact_prompts_keep_the_protocol_and_name_every_expert():
+    experts = [("Text Retriever", "passages"), ("Table Retriever", "tables")]
+    compact, release = protocol.system_prompts(experts, "compact"), protocol.system_prompts(experts, "release")
+    assert release.plan == protocol.plan_system_prompt(experts) and release.answer == protocol.ANSWER_SYSTEM_PROMPT
+    assert "Text Retriever" in compact.plan and "Table Retriever" in compact.plan
+    for tag in ("<think>", "<sub-question>", "<ret>"):
+        assert tag in compact.plan
+    assert "<answer>" in compact.answer and "<answer>" in compact.final
+    assert all(len(text) < len(full) / 3 for text, full in zip(
+        (compact.plan, compact.answer, compact.final), (release.plan, release.answer, release.final)))

@@ -16,7 +16,7 @@ import more
 import protocol
 import rollout
 import step_grpo as sg
-from config import Config, field_docs, load_config
+from config import Config, UserError, field_docs, load_config
 from conftest import ROOT, run_config
 from world import ensure_world
 
@@ -316,3 +316,32 @@ def test_a_killed_world_build_is_rebuilt_on_the_next_run(tmp_path):
     ensure_world(Config(world_dir=str(folder)))
     assert all((folder / "indexes" / kind / "expert.json").exists() for kind in ("text", "image", "table"))
     assert not (tmp_path / "world.tmp").exists()
+
+
+def test_a_world_built_otherwise_than_the_config_says_is_refused(world):
+    ensure_world(Config(world_dir=str(world), world_seed=3))  # as built: accepted
+    with pytest.raises(ValueError, match="world_seed 3"):
+        ensure_world(Config(world_dir=str(world), world_seed=0))
+    online = Config(world_dir=str(world), world_seed=3, mode="online", sft_steps=0, prompts="compact", show_k=2)
+    ensure_world(online)  # its step files are not read: their prompts and passages do not matter
+    for change, named in [(dict(prompts="compact"), "prompts 'release'"), (dict(show_k=2), "show_k 5")]:
+        with pytest.raises(ValueError, match=named):
+            ensure_world(Config(world_dir=str(world), world_seed=3, mode="steps", **change))
+
+
+def test_plot_draws_a_run_and_says_in_one_line_when_matplotlib_is_missing(tmp_path, world, model_cache, monkeypatch,
+                                                                          capsys):
+    import plot
+    sg.main(["--config", str(run_config(tmp_path, world, model_cache, "plotted", sft_steps=1, train_steps=2))])
+    run = tmp_path / "plotted"
+    warm_start_only = tmp_path / "warm-start-only"
+    warm_start_only.mkdir()
+    (warm_start_only / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match="no GRPO update"):
+        plot.plot_run(warm_start_only)
+    out = plot.plot_run(run, tmp_path / "run.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as where it is not installed
+    with pytest.raises(SystemExit):
+        plot.main([str(run)])
+    assert "pip install -r requirements-plot.txt" in capsys.readouterr().err

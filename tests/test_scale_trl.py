@@ -18,7 +18,7 @@ from config import Config  # noqa: E402
 
 
 def steps_cfg(model_cache, world, tmp_path, **overrides) -> Config:
-    return Config(model_name="tiny", model_cache=model_cache, device="cpu", mode="steps", world_dir=str(world),
+    return Config(model_name="tiny", model_cache=model_cache, device="cpu", mode="steps", world_dir=str(world), world_seed=3,
                   out_dir=str(tmp_path / "trl"), questions_per_step=2, group_size=2, micro_batch=4,
                   max_new_tokens_plan=12, max_new_tokens_answer=12, train_steps=1, save_every=100,
                   lora_dropout=0.0, **overrides)
