@@ -63,15 +63,17 @@ def gold_completion(sample) -> str:
 
     Step files hold no thoughts, so the <think> part is a short constant: the warm start then
     spends its updates on what the protocol needs (tags, the sub-question, the expert's name).
+    A field starts with a space (the parsers strip it): a name copied from the prompt, where a
+    space precedes it, is then the same tokens in the completion.
     """
     if sample.kind == "plan":
         query, experts = sample.gold["query"], sample.gold["retriever"]
         if str(query).lower() == "none":
             return "<think>Enough.</think><sub-question>None</sub-question><ret>None</ret>"
         name = " ".join(w.capitalize() for w in str(experts[0]).split())
-        return f"<think>Next hop.</think><sub-question>{query}</sub-question><ret>{name}</ret>"
+        return f"<think>Next hop.</think><sub-question> {query}</sub-question><ret> {name}</ret>"
     answer = sample.gold if sample.kind == "answer" else sample.gold[0]
-    return f"<think>Read.</think><answer>{answer}</answer>"
+    return f"<think>Read.</think><answer> {answer}</answer>"
 
 
 def step_images_present(samples: list[StepSample], path, skip_missing: bool) -> list[StepSample]:

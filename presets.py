@@ -95,8 +95,11 @@ def _tokenizer_training_text() -> list[str]:
     return lines + [tags] * 50 + [words] * 20
 
 
-def build_tiny_tokenizer(vocab_size: int = 2048):
-    """Byte-level BPE with Qwen2's pre-tokenizer: any text encodes (256-byte base alphabet)."""
+def build_tiny_tokenizer(vocab_size: int = 2048, extra_text: list[str] = ()):
+    """Byte-level BPE with Qwen2's pre-tokenizer: any text encodes (256-byte base alphabet).
+
+    `extra_text` is trained on too (the reader adds the mini world's names, so that each syllable
+    of a name is one token)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
@@ -109,7 +112,7 @@ def build_tiny_tokenizer(vocab_size: int = 2048):
     n_merges_room = vocab_size - len(SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(vocab_size=n_merges_room, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_tokenizer_training_text(), trainer)
+    bpe.train_from_iterator(_tokenizer_training_text() + list(extra_text), trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None,
@@ -119,7 +122,7 @@ def build_tiny_tokenizer(vocab_size: int = 2048):
 
 
 
-def materialize_random_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+def materialize_random_model(arch: str, out_dir: str | Path, seed: int = 0, tokenizer_text: list[str] = ()) -> Path:
     """Write a randomly initialised `arch` with the tiny tokenizer to `out_dir`; reused if present.
 
     Deterministic for a seed. Saving and reloading is deliberate: the 4-bit path quantises at load
@@ -129,7 +132,7 @@ def materialize_random_model(arch: str, out_dir: str | Path, seed: int = 0) -> P
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists() and (out_dir / "tokenizer_config.json").exists():
         return out_dir
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(extra_text=tokenizer_text)
     config = build_arch_config(arch, tokenizer)
     torch.manual_seed(seed)
     if arch in FULL_SIZE_ARCHS:  # bf16, as the hub checkpoints are: a 7B in fp32 would need 33 GB of RAM

@@ -1,6 +1,6 @@
 """The mini knowledge world: a small, deterministic world in MoRE's formats, built offline.
 
-  python world.py --out runs/world [--seed 0] [--towns 60]   # world, corpora, indexes, step files
+  python world.py --out runs/world [--seed 0] [--towns 60] [--show-k 5] [--prompts release]
 
 Towns, people, pictures, three expert corpora (passages, pictures with captions, tables), multi-hop
 questions of seven kinds, and step files in the release's schema. Each fact lives where it makes one
@@ -338,11 +338,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--towns", type=int, default=60)
     parser.add_argument("--per-kind", type=int, default=40, help="questions of each kind, before splitting")
+    parser.add_argument("--show-k", type=int, default=5, help="passages shown in the step files' answer steps")
     parser.add_argument("--prompts", choices=protocol.PROMPT_STYLES, default="release",
                         help="system prompts of the step files: the release's, or compact (one line each)")
     args = parser.parse_args(argv)
     run_command("world.py", lambda: build_world(Path(args.out), args.seed, args.towns, args.per_kind,
-                                                prompts=args.prompts))
+                                                show_k=args.show_k, prompts=args.prompts))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""The tiny reader's training data (reader.py): generated steps answer only from what they show,
+route uniformly, and copy tasks hold their answer."""
+import hashlib
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import protocol
+import reader
+from config import Config
+from conftest import ROOT
+from experts import EXPERT_NAMES
+
+PROMPTS = protocol.system_prompts([(EXPERT_NAMES[k], "") for k in ("text", "image", "table")], "compact")
+
+
+def generated_steps(n_questions: int, tmp_path) -> list:
+    photos = reader.photo_files(tmp_path / "photos")
+    cfg = Config(show_k=2)
+    return [s for i in range(n_questions) for s in reader.step_examples(reader.GeneratedWorld(i), PROMPTS, photos, cfg)]
+
+
+def test_generated_steps_answer_only_from_what_they_show(tmp_path):
+    steps = generated_steps(150, tmp_path)
+    answers = [s for s in steps if s.kind == "answer"]
+    copied = [s for s in answers if s.gold != reader.UNKNOWN]
+    assert 0.3 < len(copied) / len(answers) < 0.8  # both cases are common
+    for s in copied:  # a copied answer is in the passages shown
+        assert s.gold in s.parts[-1]["text"].split("Question:")[0]
+    finals = [s for s in steps if s.kind == "final"]
+    assert 0.1 < np.mean([s.gold != [reader.UNKNOWN] for s in finals]) < 0.9
+
+
+def test_generated_plans_route_uniformly_and_carry_the_question_entities(tmp_path):
+    plans = [s for s in generated_steps(150, tmp_path) if s.kind == "plan" and s.gold["query"] != "None"]
+    experts = Counter(s.gold["retriever"][0] for s in plans)
+    assert set(experts) == set(EXPERT_NAMES.values())
+    assert all(0.2 < n / len(plans) < 0.47 for n in experts.values())
+    first = [s for s in plans if "Sub-question1" not in s.parts[-1]["text"]]
+    for s in first:  # a first hop names what the question names, never something else
+        question = s.parts[-1]["text"].split("Origin question: ")[1]
+        names = [w.strip("?,") for w in s.gold["query"].split() if w[:1].isupper() and w not in ("Who", "What", "Which", "In")]
+        assert all(name in question for name in names)
+
+
+def test_copy_tasks_hold_their_answer_in_the_prompt():
+    for s in reader.copy_examples(random.Random(0), 200, PROMPTS):
+        assert s.gold in s.parts[0]["text"] and s.trajectory == reader.COPY_TASK
+
+
+def test_induction_sequences_vary_in_length_so_no_fixed_offset_copies_them():
+    sequences = reader.induction_sequences(list(range(50)), random.Random(0), 200)
+    assert len({len(s) for s in sequences}) > 10 and min(map(len, sequences)) >= 8
+
+
+def test_a_short_reader_run_writes_a_model_with_its_checksum_and_log(tmp_path, model_cache, capsys):
+    out = tmp_path / "reader"
+    args = ["--config", str(ROOT / "reader.json"), "--sft_steps", "4", "--sft_batch", "4", "--micro_batch", "4",
+            "--out_dir", str(out), "--model_cache", model_cache]
+    reader.main(args)  # updates 0-1 induction, 2 copy tasks, 3 generated steps
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert (out / "model.safetensors.sha256").read_text().split()[0] == digest
+    log = [json.loads(line) for line in (tmp_path / "reader.log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [0, 1, 2, 3] and "plan_valid" in log[-1]
+    with pytest.raises(SystemExit):  # a second run refuses to overwrite the model
+        reader.main(args)
+    assert "already holds a model" in capsys.readouterr().err
