@@ -55,12 +55,20 @@ COPY_TASK = -1  # the `trajectory` of a copy-task step (it belongs to none)
 # Generated worlds with simulated retrieval
 
 
+def syllable_forms() -> list[str]:
+    """Every way a syllable of a world name is written: inside a name, starting it, after a space."""
+    return [form for syllable in world.SYLLABLES for form in (syllable, syllable.capitalize(), " " + syllable.capitalize())]
+
+
 def name_text() -> list[str]:
-    """The world's syllables as words, for the tokenizer: each syllable of a name becomes one token
-    (start of a name with and without a space, middle), so copying a name is copying a few tokens
-    that every name shares, not rare whole-name pieces."""
-    forms = [form for syllable in world.SYLLABLES for form in (syllable, syllable.capitalize(), " " + syllable.capitalize())]
-    return forms * 50
+    """The world's syllables as words, for the tokenizer: each syllable of a name becomes one token,
+    so copying a name is copying a few tokens that every name shares, not rare whole-name pieces."""
+    return syllable_forms() * 50
+
+
+def compact_prompts(cfg) -> protocol.SystemPrompts:
+    """The compact system prompts for the configured experts, which the reader is trained and checked on."""
+    return protocol.system_prompts([(EXPERT_NAMES[k], "") for k in cfg.experts], "compact")
 
 
 class GeneratedWorld:
@@ -254,8 +262,7 @@ def induction_sequences(token_ids: list[int], rng: random.Random, n: int) -> lis
 
 def name_pieces(tok) -> list[int]:
     """The token ids of the world's syllables (every form) and of the digits."""
-    forms = [form for syllable in world.SYLLABLES for form in (syllable, syllable.capitalize(), " " + syllable.capitalize())]
-    return sorted({i for form in forms for i in tok(form, add_special_tokens=False)["input_ids"]}
+    return sorted({i for form in syllable_forms() for i in tok(form, add_special_tokens=False)["input_ids"]}
                   | set(tok.convert_tokens_to_ids(list("0123456789"))))
 
 
@@ -277,7 +284,7 @@ def train_reader(cfg: Config) -> Path:
     out = Path(cfg.out_dir)
     if (out / "config.json").exists():
         raise UserError(f"{out} already holds a model: choose another out_dir, or delete it to retrain")
-    prompts = protocol.system_prompts([(EXPERT_NAMES[k], "") for k in cfg.experts], "compact")
+    prompts = compact_prompts(cfg)
     tokenizer_text = name_text() + [prompts.plan, prompts.answer, prompts.final, prompts.passages_header] * 20
     start = materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"reader-init-{cfg.arch}-seed{cfg.seed}",
                                      cfg.seed, tokenizer_text)
@@ -326,7 +333,7 @@ def save_reader(policy, out: Path) -> None:
 def check_reader(cfg: Config, questions: int = 60) -> dict:
     """Reading scores (reading_scores) of the model at cfg.out_dir, loaded from disk."""
     policy = load_trainable(cfg, Path(cfg.out_dir))
-    prompts = protocol.system_prompts([(EXPERT_NAMES[k], "") for k in cfg.experts], "compact")
+    prompts = compact_prompts(cfg)
     return reading_scores(policy, cfg, prompts, photo_files(Path(cfg.model_cache) / "reader-photos"), questions)
 
 

@@ -8,13 +8,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import protocol
 import reader
 from config import Config
 from conftest import ROOT
 from experts import EXPERT_NAMES
 
-PROMPTS = protocol.system_prompts([(EXPERT_NAMES[k], "") for k in ("text", "image", "table")], "compact")
+PROMPTS = reader.compact_prompts(Config())
 
 
 def generated_steps(n_questions: int, tmp_path) -> list:
