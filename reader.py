@@ -44,7 +44,7 @@ from data import StepSample
 from experts import EXPERT_NAMES, Hit, document_text, write_jsonl
 from metric import score
 from presets import materialize_random_model
-from step_grpo import make_optimizer, sft_update, supervised_update
+from step_grpo import make_optimizer, sft_update, supervised_update, warmup_cosine
 
 TOWNS_PER_WORLD = 12  # a generated world: small, so that a step's other passages come from its own world
 PHOTOS = 16  # question photos on disk; their content is the image expert's business, not the reader's
@@ -137,7 +137,9 @@ def step_examples(w: GeneratedWorld, prompts: protocol.SystemPrompts, photos: li
     image = [{"type": "image", "image": w.rng.choice(photos)}] if q.image else []
     pictured = q.hops[0].sub_answer if q.image else None
     experts = [w.rng.choice(cfg.experts) for _ in q.hops]
-    shown = [w.search(kind, "", None, cfg.show_k) for kind in experts]  # replaced hop by hop below
+    # Placeholders, replaced hop by hop below. Their searches only shuffle the world's RNG, but they
+    # are part of the data stream that made the committed models/tiny-reader: removing them changes it.
+    shown = [w.search(kind, "", None, cfg.show_k) for kind in experts]
     right = []
     for i, (hop, kind) in enumerate(zip(q.hops, experts)):
         sub_question = walk(q, right + [True]).sub_questions[i]
@@ -297,7 +299,7 @@ def train_reader(cfg: Config) -> Path:
     write_jsonl(log, [])
     bar = tqdm(range(cfg.sft_steps), desc="reader")
     for step in bar:
-        optimizer.param_groups[0]["lr"] = cfg.sft_lr * _cosine(step, cfg.sft_steps, cfg.warmup_steps)
+        optimizer.param_groups[0]["lr"] = cfg.sft_lr * warmup_cosine(step, cfg.sft_steps, cfg.warmup_steps)
         t0 = time.perf_counter()
         row = {"step": step, "loss": reader_update(policy, optimizer, cfg, prompts, photos, pieces, step)}
         row["seconds"] = time.perf_counter() - t0
@@ -307,12 +309,6 @@ def train_reader(cfg: Config) -> Path:
         bar.set_postfix(loss=f"{row['loss']:.3f}")
     save_reader(policy, out)
     return out
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def save_reader(policy, out: Path) -> None:

@@ -359,14 +359,19 @@ def make_optimizer(policy, cfg, phase: str):
     def factor(step: int) -> float:
         if phase == "sft":
             return 1.0
-        total = cfg.train_steps
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+        return warmup_cosine(step, cfg.train_steps, cfg.warmup_steps, cosine=cfg.lr_schedule == "cosine")
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, cosine: bool = True) -> float:
+    """The learning-rate factor at `step`: linear warm-up over `warmup` steps, then a half cosine
+    that reaches 0 at `total` (or constant 1 when not `cosine`)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def peak_memory_mb(device) -> float:
