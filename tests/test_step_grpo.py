@@ -386,3 +386,18 @@ def test_the_training_metrics_say_how_spread_routing_is_and_how_right_per_round(
     row = sg.step_metrics({}, samples, trajectories, {"q": hops}, 0.0, 1.0, policy)
     shares = np.array([1, 1, 2]) / 4  # text, image, table calls
     assert row["expert_entropy"] == pytest.approx(-(shares * np.log(shares)).sum())
+
+
+def test_steps_mode_metrics_read_the_experts_from_the_sampled_plans():
+    import rollout
+    from experts import EXPERT_NAMES
+    texts = [f"<think>t</think><sub-question>Who?</sub-question><ret>{EXPERT_NAMES[k]}</ret>"
+             for k in ("text", "text", "table")]
+    texts.append("no tags")
+    samples = [sg.Sample(rollout.Step("plan", [], [1], [0.0], t, True), None, 0.0) for t in texts]
+    policy = type("P", (), {"device": torch.device("cpu")})()
+    row = sg.step_metrics({}, samples, [], {}, 0.0, 1.0, policy)
+    assert (row["expert_text"], row["expert_table"], row["expert_image"]) == (0.5, 0.25, 0.0)
+    shares = np.array([2, 1]) / 3
+    assert row["expert_entropy"] == pytest.approx(-(shares * np.log(shares)).sum())
+    assert row["valid_plan_fraction"] == 0.75 and "routing_accuracy" not in row
