@@ -45,7 +45,7 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         load_config(str(bad))
 
 
-@pytest.mark.parametrize("name", ["tiny.json", "small.json", "reader.json"])
+@pytest.mark.parametrize("name", ["tiny.json", "tiny-steps.json", "small.json", "reader.json"])
 def test_shipped_configs_load(name):
     from conftest import ROOT
     load_config(str(ROOT / name))

@@ -272,7 +272,7 @@ def child():
 
 for i in range(kills):
     pid = child()
-    time.sleep(rng.uniform(0.5, 3.0))
+    time.sleep(rng.uniform(0.3, 2.0))
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     rows = len(open(out + "/metrics.jsonl").readlines()) if os.path.exists(out + "/metrics.jsonl") else 0
