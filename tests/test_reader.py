@@ -6,7 +6,6 @@ import hashlib
 import json
 import random
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
