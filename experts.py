@@ -47,6 +47,7 @@ class Query:
 
 # The names are those of the released prompts; the descriptions go into the plan step's prompt.
 EXPERT_NAMES = {"text": "Text Retriever", "image": "Text Image Retriever", "table": "Table Retriever"}
+EXPERT_KINDS = {name: kind for kind, name in EXPERT_NAMES.items()}  # a plan names an expert; its kind
 EXPERT_DESCRIPTIONS = {
     "text": "encyclopedia passages; facts about people, places, organisations and events",
     "image": "pictures with captions; use it to identify what the question's image shows",

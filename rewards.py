@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from data import Hop
-from experts import EXPERT_NAMES
+from experts import EXPERT_KINDS, EXPERT_NAMES
 from metric import score
 from protocol import parse_answer
 from rollout import plan_step
@@ -106,8 +106,7 @@ def official_step_reward(gold, text: str, similarity, cfg) -> float:
     """The reward of a completion for a step file's step (data.StepSample): a plan is scored by
     plan_reward against the step's gold as a Hop; an answer by answer_reward."""
     if gold.kind == "plan":
-        kind_of = {name: kind for kind, name in EXPERT_NAMES.items()}
-        return plan_reward(plan_step(text, kind_of), step_file_hop(gold.gold), similarity, cfg)
+        return plan_reward(plan_step(text, EXPERT_KINDS), step_file_hop(gold.gold), similarity, cfg)
     parsed = parse_answer(text)
     golds = [gold.gold] if gold.kind == "answer" else list(gold.gold)
     return answer_reward(parsed.answer, golds, cfg.answer_reward) if parsed.valid else 0.0

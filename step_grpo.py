@@ -31,7 +31,7 @@ import world
 from checkpoint import (checkpoint_to_resume, drop_rows_after, read_training_state, restore_training_state,
                         save_checkpoint)
 from config import Config, UserError, command_config, run_command
-from experts import EXPERT_NAMES, build_experts, write_jsonl
+from experts import EXPERT_KINDS, build_experts, write_jsonl
 from metric import score
 from rewards import SubQuestionSimilarity, official_step_reward, trajectory_rewards
 from rollout import phase
@@ -391,8 +391,7 @@ def step_metrics(rewards_by_kind, samples, trajectories, hops_by_id, zero_std, g
         plans = [s for t in trajectories for s in t.steps if s.kind == "plan"]
         out.update(routing_stats(trajectories, hops_by_id))
     else:  # steps mode: the sampled plan completions, read as the rollout reads them
-        kind_of = {name: kind for kind, name in EXPERT_NAMES.items()}
-        plans = [rollout.plan_step(s.step.text, kind_of) for s in samples if s.step.kind == "plan"]
+        plans = [rollout.plan_step(s.step.text, EXPERT_KINDS) for s in samples if s.step.kind == "plan"]
     usage = Counter(k for s in plans for k in s.experts)
     out.update({f"expert_{k}": usage[k] / max(len(plans), 1) for k in ("text", "image", "table")})
     calls = np.array([n for n in usage.values() if n], dtype=float) / max(sum(usage.values()), 1)
