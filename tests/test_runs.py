@@ -31,9 +31,10 @@ def test_4bit_sampling_and_training_agree_on_any_cpu(avx512_bf16, model_cache, m
 
     `as-on-avx512-bf16` makes bitsandbytes believe the CPU has AVX-512 BF16 (on such a CPU both
     cases are that). Without more.keep_4bit_layers_trainable it fails: the first no-grad sampling
-    call repacks every 4-bit layer into bitsandbytes' inference-only CPU layout; on a real
-    AVX-512-BF16 CPU the update then raises "a view of a leaf Variable … in-place operation", and
-    on others the repacked layers' log-probs differ from the training path's (by 0.4 here).
+    call repacks every 4-bit layer into bitsandbytes' inference-only CPU layout. On a real
+    AVX-512-BF16 CPU (an AMD EPYC, 2026-12-01) both cases then fail: sampled and recomputed
+    log-probs differ by 4e-4, and the update raises "a view of a leaf Variable … in-place
+    operation". On an AVX2 CPU the forced case fails, its log-probs differing by 0.4.
     """
     import bitsandbytes.nn.modules as bnb_modules
     cfg = Config(model_name="tiny", model_cache=model_cache, device="cpu", beta=0.0, lr=1e-2)
