@@ -4,13 +4,16 @@
   python reader.py --config reader.json --check  # how well the model at out_dir reads, on unseen worlds
 
 A random tiny model cannot write a sub-question or copy an answer, so routing makes no difference to
-what it answers. This command teaches it in three phases, all in full precision:
+what it answers. This command teaches it in two stages, all in full precision. Stage 1 has three
+phases:
   1. induction: write a random sequence of name pieces again. Only an attention head that finds
      where the current token appeared and copies the next one lowers this loss, and steps alone
      never grew one (docs/RESULTS.md, "The tiny reader");
   2. copy tasks in the answer format: repeat a list, give the value of a key;
   3. the steps of questions from freshly generated mini worlds (world.py's entities and questions,
      new towns and people for every question), so that nothing can be memorised.
+Stage 2 goes on with the steps, now with look-alike names among the passages (as real retrieval
+returns them) and every hop also answered from an expert that holds its evidence.
 Every routing label is drawn uniformly among the experts, and the passages shown are those the
 named expert would return, with "unknown" as the answer when they do not hold it. The reader thus
 learns to read whatever it is shown and nothing about whom to ask: routing is left to Step-GRPO.
@@ -41,7 +44,7 @@ import rollout
 import world
 from config import Config, UserError, command_config, run_command
 from data import StepSample
-from experts import EXPERT_NAMES, Hit, document_text, write_jsonl
+from experts import EXPERT_NAMES, Hit, document_text, read_jsonl, write_jsonl
 from metric import score
 from presets import materialize_random_model
 from step_grpo import make_optimizer, sft_update, supervised_update, warmup_cosine
@@ -74,8 +77,8 @@ def compact_prompts(cfg) -> protocol.SystemPrompts:
 class GeneratedWorld:
     """A fresh mini world: entities, corpora and questions, with simulated retrieval over its corpora."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, look_alikes: bool = False):
+        self.seed, self.look_alikes = seed, look_alikes
         towns, people = world.make_entities(seed, TOWNS_PER_WORLD)
         self.towns, self.people = towns, {p.name: p for p in people}
         self.docs = {kind: [(doc["id"], document_text(doc, kind)) for doc in docs]
@@ -89,16 +92,27 @@ class GeneratedWorld:
 
     def search(self, kind: str, sub_question: str, pictured: str | None, show_k: int) -> list[Hit]:
         """What expert `kind` shows: its documents naming an entity of the sub-question (the image
-        expert also finds the pictured town's caption from the photo) in random order, then others."""
-        keys = [n for n in self.names if n in sub_question]
-        if kind == "image" and pictured:
-            keys.append(f"A picture of {pictured},")
+        expert also finds the pictured town's caption from the photo) in random order, then others;
+        with `look_alikes`, the others naming a look-alike of the entity come first, as they do from
+        the real text encoder (for "Who founded Holbelmor?": Holbelmor's passage, then Holistsol's)."""
+        entities = [n for n in self.names if n in sub_question]
+        keys = entities + ([f"A picture of {pictured},"] if kind == "image" and pictured else [])
         docs = self.docs[kind]
         naming = [d for d in docs if any(k in d[1] for k in keys)]
         others = [d for d in docs if d not in naming]
         self.rng.shuffle(naming)
         self.rng.shuffle(others)
+        if self.look_alikes:
+            alike = [n for n in self.names if n not in entities and looks_like(n, entities)]
+            others.sort(key=lambda d: not any(n in d[1] for n in alike))  # stable: look-alikes first
         return [Hit(doc_id, text, 0.0, kind) for doc_id, text in (naming + others)[:show_k]]
+
+
+def looks_like(name: str, entities: list[str]) -> bool:
+    """Whether a word of `name` starts with the first syllable of an entity (Holistsol, Holbelmor)."""
+    firsts = [next(s for s in sorted(world.SYLLABLES, key=len, reverse=True) if e.lower().startswith(s))
+              for e in entities]
+    return any(word.lower().startswith(f) for word in name.split() for f in firsts)
 
 
 def gold_kinds(hop) -> list[str]:
@@ -131,8 +145,10 @@ def walk(question, right: list[bool]) -> Walk:
     return Walk(sub_questions, answers)
 
 
-def step_examples(w: GeneratedWorld, prompts: protocol.SystemPrompts, photos: list[str], cfg) -> list[StepSample]:
-    """Every step of one question, walked with random routing: plans, sub-answers, the final answer."""
+def step_examples(w: GeneratedWorld, prompts: protocol.SystemPrompts, photos: list[str], cfg,
+                  every_hop: bool = False) -> list[StepSample]:
+    """Every step of one question, walked with random routing: plans, sub-answers, the final answer;
+    then the first hop (`every_hop`: each hop) answered again from an expert holding its evidence."""
     q = w.question()
     image = [{"type": "image", "image": w.rng.choice(photos)}] if q.image else []
     pictured = q.hops[0].sub_answer if q.image else None
@@ -157,16 +173,21 @@ def step_examples(w: GeneratedWorld, prompts: protocol.SystemPrompts, photos: li
     stop = {"query": "None", "retriever": ["None"]}
     samples.append(StepSample("plan", prompts.plan, image + _text(protocol.history_text(q.question, hops)), stop, 0))
     final = q.answers[0] if path.answers == [h.sub_answer for h in q.hops] else UNKNOWN
-    # Random routing finds the evidence about one time in three: one more first-hop answer, shown
-    # what an expert holding the evidence returns, so that copying is not the rare case.
-    kind = w.rng.choice(gold_kinds(q.hops[0]))
-    hits = w.search(kind, q.hops[0].sub_question, pictured, cfg.show_k)
-    found = q.hops[0].sub_answer if set(q.hops[0].gold_docs) & {h.doc_id for h in hits} else UNKNOWN
-    extra = protocol.answer_user_text(q.hops[0].sub_question, hits, prompts.passages_header)
     samples.append(StepSample("final", prompts.final, image + _text(protocol.final_user_text(q.question, hops)),
                               [final], 0))
-    samples.append(StepSample("answer", prompts.answer, image + _text(extra), found, 0))
-    return samples
+    # Random routing finds the evidence about one time in three: more answers, shown what an
+    # expert holding the evidence returns, so that copying is not the rare case.
+    return samples + [gold_expert_answer(w, hop, pictured, image, prompts, cfg)
+                      for hop in (q.hops if every_hop else q.hops[:1])]
+
+
+def gold_expert_answer(w: GeneratedWorld, hop, pictured, image: list[dict], prompts, cfg) -> StepSample:
+    """A hop's gold sub-question answered from the passages of an expert holding its evidence."""
+    kind = w.rng.choice(gold_kinds(hop))
+    hits = w.search(kind, hop.sub_question, pictured, cfg.show_k)
+    found = hop.sub_answer if set(hop.gold_docs) & {h.doc_id for h in hits} else UNKNOWN
+    user = protocol.answer_user_text(hop.sub_question, hits, prompts.passages_header)
+    return StepSample("answer", prompts.answer, image + _text(user), found, 0)
 
 
 def _text(text: str) -> list[dict]:
@@ -220,13 +241,19 @@ def photo_files(folder: Path) -> list[str]:
     return paths
 
 
-def example_batch(cfg, prompts, photos, seed: int, copy_share: float = 0.0, hard: float = 1.0) -> list[StepSample]:
+def example_batch(cfg, prompts, photos, seed: int, copy_share: float = 0.0, hard: float = 1.0,
+                  stage: int = 1) -> list[StepSample]:
     """At least cfg.sft_batch steps: a `copy_share` of copy-task steps (a share `hard` of them hard),
-    then the steps of questions each from its own freshly generated world."""
+    then the steps of questions each from its own freshly generated world. Stage 2 shows look-alike
+    passages, answers every hop from an expert holding its evidence, and keeps the plan and final
+    steps of one world in STAGE2_ALL_STEPS only: stage 1 left the plans right and the answers not."""
     n_copy = round(copy_share * cfg.sft_batch)
     batch, world_seed = copy_examples(random.Random(seed), n_copy, prompts, hard), seed
     while len(batch) < cfg.sft_batch:
-        batch += step_examples(GeneratedWorld(world_seed), prompts, photos, cfg)
+        steps = step_examples(GeneratedWorld(world_seed, stage == 2), prompts, photos, cfg, every_hop=stage == 2)
+        if stage == 2 and world_seed % STAGE2_ALL_STEPS:
+            steps = [s for s in steps if s.kind == "answer"]
+        batch += steps
         world_seed += 1
     return batch
 
@@ -245,13 +272,20 @@ def load_trainable(cfg, model_dir: Path) -> more.Policy:
     return more.Policy(model, processor, device, suppress)
 
 
-# The schedule: shares of cfg.sft_steps. Measured in the run that made models/tiny-reader
+# The schedule of stage 1: shares of cfg.sft_steps. Measured in the run that made its weights
 # (docs/RESULTS.md): the induction loss fell from 3.6 to 0.7 between updates 300 and 600, copy tasks
 # were 72% exact 400 updates into their phase.
 INDUCTION_PHASE = 0.4  # the first 40% of the updates: repeated random sequences of name pieces
 COPY_PHASE = 0.55  # then, up to 55%: the copy tasks alone, easy to hard
 MIXED_COPY_SHARE = 0.25  # after them, this share of every batch is still copy tasks
 CHECK_EVERY = 500  # updates between two quick reading checks in the log
+# Stage 2 starts from stage 1's weights with a fresh optimiser. Stage 1's reader copied a look-alike
+# name from the second passage when evaluated with the real experts (docs/RESULTS.md), because its
+# simulated retrieval never put one there; stage 2 does, and answers every hop from a gold expert.
+STAGE2_SHARE = 0.3  # its updates, as a share of cfg.sft_steps (1,200 for reader.json)
+STAGE2_ALL_STEPS = 4  # one generated world in 4 gives its plan and final steps too, the others answers only
+STAGE2_LR = 1e-3
+STAGE2_WARMUP = 50
 
 
 def induction_sequences(token_ids: list[int], rng: random.Random, n: int) -> list[list[int]]:
@@ -268,8 +302,8 @@ def name_pieces(tok) -> list[int]:
                   | set(tok.convert_tokens_to_ids(list("0123456789"))))
 
 
-def reader_update(policy, optimizer, cfg, prompts, photos, pieces, step: int) -> float:
-    """One supervised update of the phase `step` falls in; its loss."""
+def stage1_update(policy, optimizer, cfg, prompts, photos, pieces, step: int) -> float:
+    """One supervised update of the stage-1 phase `step` falls in; its loss."""
     seed, progress = (cfg.seed + 1) * 10**7 + step * cfg.sft_batch, step / cfg.sft_steps
     if progress < INDUCTION_PHASE:
         sequences = induction_sequences(pieces, random.Random(seed), cfg.sft_batch)
@@ -280,35 +314,66 @@ def reader_update(policy, optimizer, cfg, prompts, photos, pieces, step: int) ->
     return sft_update(policy, optimizer, batch, cfg)
 
 
+def stage2_update(policy, optimizer, cfg, prompts, photos, step: int) -> float:
+    """One supervised update of stage 2 (its worlds' seeds follow stage 1's); its loss."""
+    seed = (cfg.seed + 1) * 10**7 + (cfg.sft_steps + step) * cfg.sft_batch
+    return sft_update(policy, optimizer, example_batch(cfg, prompts, photos, seed, MIXED_COPY_SHARE, stage=2), cfg)
+
+
 def train_reader(cfg: Config) -> Path:
-    """cfg.sft_steps supervised updates in three phases (induction, copy tasks, generated steps); the
-    model is written to cfg.out_dir, its training log beside it (<out_dir>.log.jsonl)."""
+    """Stage 1 (cfg.sft_steps updates: induction, copy tasks, generated steps) from a random model,
+    kept in cfg.model_cache and reused if there; then stage 2 from it. The model is written to
+    cfg.out_dir, the training log of both stages beside it (<out_dir>.log.jsonl)."""
     out = Path(cfg.out_dir)
     if (out / "config.json").exists():
         raise UserError(f"{out} already holds a model: choose another out_dir, or delete it to retrain")
     prompts = compact_prompts(cfg)
+    photos = photo_files(Path(cfg.model_cache) / "reader-photos")
+    log = out.with_name(out.name + ".log.jsonl")
+    first = Path(cfg.model_cache) / f"reader-stage1-{cfg.arch}-seed{cfg.seed}-{cfg.sft_steps}"
+    if (first / "config.json").exists():
+        print(f"stage 1: reusing {first} ({(first / 'model.safetensors.sha256').read_text().split()[0]})")
+        write_jsonl(log, [row for row in (read_jsonl(log) if log.exists() else []) if row.get("stage", 1) == 1])
+    else:
+        write_jsonl(log, [])
+        save_reader(train_stage1(cfg, prompts, photos, log), first)
+    torch.manual_seed(cfg.seed + 1)
+    policy = load_trainable(cfg, first)
+    optimizer, _ = make_optimizer(policy, cfg, "sft")
+    run_updates(policy, optimizer, cfg, prompts, photos, log, 2, round(STAGE2_SHARE * cfg.sft_steps), STAGE2_LR,
+                STAGE2_WARMUP, lambda step: stage2_update(policy, optimizer, cfg, prompts, photos, step))
+    save_reader(policy, out)
+    return out
+
+
+def train_stage1(cfg: Config, prompts, photos, log: Path) -> more.Policy:
+    """The random tiny model (its tokenizer cut to the world's syllables) after stage 1."""
     tokenizer_text = name_text() + [prompts.plan, prompts.answer, prompts.final, prompts.passages_header] * 20
     start = materialize_random_model(cfg.arch, Path(cfg.model_cache) / f"reader-init-{cfg.arch}-seed{cfg.seed}",
                                      cfg.seed, tokenizer_text)
     torch.manual_seed(cfg.seed)
     policy = load_trainable(cfg, start)
-    photos = photo_files(Path(cfg.model_cache) / "reader-photos")
     optimizer, _ = make_optimizer(policy, cfg, "sft")
     pieces = name_pieces(policy.tokenizer)
-    log = out.with_name(out.name + ".log.jsonl")
-    write_jsonl(log, [])
-    bar = tqdm(range(cfg.sft_steps), desc="reader")
+    run_updates(policy, optimizer, cfg, prompts, photos, log, 1, cfg.sft_steps, cfg.sft_lr, cfg.warmup_steps,
+                lambda step: stage1_update(policy, optimizer, cfg, prompts, photos, pieces, step))
+    return policy
+
+
+def run_updates(policy, optimizer, cfg, prompts, photos, log: Path, stage: int, steps: int, lr: float,
+                warmup: int, update) -> None:
+    """`steps` calls of update(step) under a warm-up + cosine learning rate, each logged, with a
+    quick reading check every CHECK_EVERY updates and at the end."""
+    bar = tqdm(range(steps), desc=f"reader stage {stage}")
     for step in bar:
-        optimizer.param_groups[0]["lr"] = cfg.sft_lr * warmup_cosine(step, cfg.sft_steps, cfg.warmup_steps)
+        optimizer.param_groups[0]["lr"] = lr * warmup_cosine(step, steps, warmup)
         t0 = time.perf_counter()
-        row = {"step": step, "loss": reader_update(policy, optimizer, cfg, prompts, photos, pieces, step)}
+        row = {"stage": stage, "step": step, "loss": update(step)}
         row["seconds"] = time.perf_counter() - t0
-        if (step + 1) % CHECK_EVERY == 0 or step == cfg.sft_steps - 1:
+        if (step + 1) % CHECK_EVERY == 0 or step == steps - 1:
             row.update(reading_scores(policy, cfg, prompts, photos, questions=12))
         write_jsonl(log, [row], append=True)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
-    save_reader(policy, out)
-    return out
 
 
 def save_reader(policy, out: Path) -> None:

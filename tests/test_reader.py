@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -69,65 +70,37 @@ def test_a_short_reader_run_writes_a_model_with_its_checksum_and_log(tmp_path, m
     out = tmp_path / "reader"
     args = ["--config", str(ROOT / "reader.json"), "--sft_steps", "4", "--sft_batch", "4", "--micro_batch", "4",
             "--out_dir", str(out), "--model_cache", model_cache]
-    reader.main(args)  # updates 0-1 induction, 2 copy tasks, 3 generated steps
+    reader.main(args)  # stage 1: updates 0-1 induction, 2 copy tasks, 3 generated steps; stage 2: 1 update
     digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     assert (out / "model.safetensors.sha256").read_text().split()[0] == digest
-    log = [json.loads(line) for line in (tmp_path / "reader.log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [0, 1, 2, 3] and "plan_valid" in log[-1]
+
+    def logged():
+        rows = [json.loads(line) for line in (tmp_path / "reader.log.jsonl").read_text().splitlines()]
+        return [(row["stage"], row["step"]) for row in rows], rows[-1]
+    assert logged()[0] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0)] and "plan_valid" in logged()[1]
     with pytest.raises(SystemExit):  # a second run refuses to overwrite the model
         reader.main(args)
     assert "already holds a model" in capsys.readouterr().err
+    shutil.rmtree(out)  # without the model, a run reuses stage 1 and logs stage 2 once
+    reader.main(args)
+    assert "stage 1: reusing" in capsys.readouterr().out
+    assert logged()[0] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == digest
 
 
-# ----------------------------------------------------------------------------------------------
-# The committed reader
+def test_stage2_retrieval_puts_look_alike_names_after_the_evidence():
+    """Real retrieval ranks look-alike names next to the evidence (Holistsol for Holbelmor); stage
+    2's simulated retrieval does so in every world that has one (34 of 40), stage 1's by chance (4)."""
+    def second_passage_looks_alike(seed, look_alikes):
+        w = reader.GeneratedWorld(seed, look_alikes)
+        town = w.towns[0].name
+        second = w.search("text", f"Who founded {town}?", None, 2)[1].text
+        return any(reader.looks_like(word, [town]) for word in second.split())
 
-
-def test_committed_reader_matches_its_checksum_and_size():
-    recorded = (READER / "model.safetensors.sha256").read_text().split()[0]
-    assert hashlib.sha256((READER / "model.safetensors").read_bytes()).hexdigest() == recorded
-    assert (READER / "model.safetensors").stat().st_size <= 10 * 2**20
-
-
-@pytest.fixture(scope="module")
-def unseen_world(tmp_path_factory):
-    """A world of a seed that no config uses and the reader never saw (it trained on generated
-    worlds of seeds from 10^7), with the compact prompts it reads."""
-    out = tmp_path_factory.mktemp("unseen-world")
-    build_world(out, seed=11, n_towns=15, per_kind=5, show_k=2, prompts="compact")
-    return out
-
-
-@pytest.fixture(scope="module")
-def reader_cfg(unseen_world):
-    return Config(model_name=str(READER), prompts="compact", world_dir=str(unseen_world), world_seed=11, show_k=2,
-                  index_dir=str(unseen_world / "indexes"),
-                  max_steps=3, device="cpu", max_new_tokens_plan=48, max_new_tokens_answer=24)
-
-
-def test_reader_copies_sub_answers_from_the_gold_evidence(unseen_world, reader_cfg):
-    """Every sub-answer step of the world's step files whose passages hold the answer, greedy, in
-    4-bit with a fresh LoRA as tiny.json loads it. The committed reader copies 0.27 of them (a random
-    model: 0); the 0.8 the project aims for is not reached yet (docs/RESULTS.md, "The tiny reader")."""
-    samples = [s for split in ("train", "validation", "test")
-               for s in data.load_step_file(unseen_world / f"steps_{split}.jsonl") if s.kind == "answer"]
-    shown = [s for s in samples if s.gold.lower() in s.parts[-1]["text"].lower()]
-    policy = more.load_policy(reader_cfg)
-    policy.model.eval()
-    sampler = rollout.policy_sampler(policy, dataclasses.replace(reader_cfg, temperature=0.0))
-    written = sampler([data.step_prompt(s)[0] for s in shown], "answer")
-    recall = np.mean([protocol.parse_answer(c.text).answer == s.gold for s, (_, c) in zip(shown, written)])
-    assert len(shown) >= 40 and recall >= 0.2
-
-
-def test_with_the_reader_routing_decides_the_answer(unseen_world, reader_cfg, tmp_path):
-    """Oracle routing finds the evidence (81.9% measured) and answers better than random routing
-    (F1-Recall 11.4 vs 0.0). The scripted gold reader scores 22.9 under random routing: the
-    committed reader, which copies too little, does not come near it yet."""
-    questions = [q for split in ("train", "validation", "test")
-                 for q in data.load_questions(unseen_world / f"questions_{split}.jsonl")]
-    table = evaluation.summarise(evaluation.run_methods(reader_cfg, questions, ["oracle", "random"], None, False,
-                                                        tmp_path / "reader", unseen_world))
-    assert table["mini_world/oracle"]["evidence_recall"] >= 75
-    assert table["mini_world/oracle"]["evidence_recall"] > table["mini_world/random"]["evidence_recall"] + 40
-    assert table["mini_world/oracle"]["recall"] > table["mini_world/random"]["recall"] + 5
+    def has_look_alike(seed):
+        w = reader.GeneratedWorld(seed)
+        return any(reader.looks_like(name, [w.towns[0].name]) for name in w.names[1:])
+    seeds = range(40)
+    assert [second_passage_looks_alike(s, True) for s in seeds] == [has_look_alike(s) for s in seeds]
+    assert sum(has_look_alike(s) for s in seeds) >= 30
+    assert sum(second_passage_looks_alike(s, False) for s in seeds) <= 8
