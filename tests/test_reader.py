@@ -104,3 +104,61 @@ def test_stage2_retrieval_puts_look_alike_names_after_the_evidence():
     assert [second_passage_looks_alike(s, True) for s in seeds] == [has_look_alike(s) for s in seeds]
     assert sum(has_look_alike(s) for s in seeds) >= 30
     assert sum(second_passage_looks_alike(s, False) for s in seeds) <= 8
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed reader
+
+
+def test_committed_reader_matches_its_checksum_and_size():
+    recorded = (READER / "model.safetensors.sha256").read_text().split()[0]
+    assert hashlib.sha256((READER / "model.safetensors").read_bytes()).hexdigest() == recorded
+    assert (READER / "model.safetensors").stat().st_size <= 10 * 2**20
+
+
+@pytest.fixture(scope="module")
+def unseen_world(tmp_path_factory):
+    """A world of a seed that no config uses and the reader never saw (it trained on generated
+    worlds of seeds from 10^7), with the compact prompts it reads."""
+    out = tmp_path_factory.mktemp("unseen-world")
+    build_world(out, seed=11, n_towns=15, per_kind=5, show_k=2, prompts="compact")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reader_cfg(unseen_world):
+    return Config(model_name=str(READER), prompts="compact", world_dir=str(unseen_world), world_seed=11, show_k=2,
+                  index_dir=str(unseen_world / "indexes"),
+                  max_steps=3, device="cpu", max_new_tokens_plan=48, max_new_tokens_answer=24)
+
+
+def test_reader_copies_sub_answers_from_the_gold_evidence(unseen_world, reader_cfg):
+    """Every sub-answer step of the world's step files whose passages hold the answer, greedy, in
+    4-bit with a fresh LoRA as tiny.json loads it. The committed reader copies 0.58 of them (stage
+    1's weights: 0.27; a random model: 0); the 0.8 the project aims for is not reached yet
+    (docs/RESULTS.md, "The tiny reader")."""
+    samples = [s for split in ("train", "validation", "test")
+               for s in data.load_step_file(unseen_world / f"steps_{split}.jsonl") if s.kind == "answer"]
+    shown = [s for s in samples if s.gold.lower() in s.parts[-1]["text"].lower()]
+    policy = more.load_policy(reader_cfg)
+    policy.model.eval()
+    sampler = rollout.policy_sampler(policy, dataclasses.replace(reader_cfg, temperature=0.0))
+    written = sampler([data.step_prompt(s)[0] for s in shown], "answer")
+    recall = np.mean([protocol.parse_answer(c.text).answer == s.gold for s, (_, c) in zip(shown, written)])
+    assert len(shown) >= 40 and recall >= 0.45
+
+
+def test_with_the_reader_routing_decides_the_answer(unseen_world, reader_cfg, tmp_path):
+    """Oracle routing finds the evidence (92.9% measured) and answers far better than random
+    routing or the text expert alone (F1-Recall 37.1 vs 8.6 and 22.9): routing decides the answer.
+    The scripted gold reader scores 22.9 under random routing: the committed reader, which copies
+    too little, does not come near it yet."""
+    questions = [q for split in ("train", "validation", "test")
+                 for q in data.load_questions(unseen_world / f"questions_{split}.jsonl")]
+    table = evaluation.summarise(evaluation.run_methods(reader_cfg, questions, ["oracle", "random", "single:text"], None, False,
+                                                        tmp_path / "reader", unseen_world))
+    oracle, random_, text = (table[f"mini_world/{m}"] for m in ("oracle", "random", "single:text"))
+    assert oracle["evidence_recall"] >= 85
+    assert oracle["evidence_recall"] > random_["evidence_recall"] + 40
+    assert oracle["recall"] > random_["recall"] + 20
+    assert oracle["recall"] > text["recall"] + 8
