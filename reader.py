@@ -1,6 +1,6 @@
 """The tiny reader: the tiny Qwen2.5-VL taught to read, so that routing decides its answers.
 
-  python reader.py --config reader.json          # train it: models/tiny-reader (~1 h on 2 CPU cores)
+  python reader.py --config reader.json          # train it: models/tiny-reader (~1.5 h on 2 CPU cores)
   python reader.py --config reader.json --check  # how well the model at out_dir reads, on unseen worlds
 
 A random tiny model cannot write a sub-question or copy an answer, so routing makes no difference to
@@ -154,7 +154,7 @@ def step_examples(w: GeneratedWorld, prompts: protocol.SystemPrompts, photos: li
     pictured = q.hops[0].sub_answer if q.image else None
     experts = [w.rng.choice(cfg.experts) for _ in q.hops]
     # Placeholders, replaced hop by hop below. Their searches only shuffle the world's RNG, but they
-    # are part of the data stream that made the committed models/tiny-reader: removing them changes it.
+    # are part of the data stream that made stage 1 of models/tiny-reader: removing them changes it.
     shown = [w.search(kind, "", None, cfg.show_k) for kind in experts]
     right = []
     for i, (hop, kind) in enumerate(zip(q.hops, experts)):
