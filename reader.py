@@ -250,7 +250,7 @@ def example_batch(cfg, prompts, photos, seed: int, copy_share: float = 0.0, hard
     n_copy = round(copy_share * cfg.sft_batch)
     batch, world_seed = copy_examples(random.Random(seed), n_copy, prompts, hard), seed
     while len(batch) < cfg.sft_batch:
-        steps = step_examples(GeneratedWorld(world_seed, stage == 2), prompts, photos, cfg, every_hop=stage == 2)
+        steps = step_examples(GeneratedWorld(world_seed, look_alikes=stage == 2), prompts, photos, cfg, every_hop=stage == 2)
         if stage == 2 and world_seed % STAGE2_ALL_STEPS:
             steps = [s for s in steps if s.kind == "answer"]
         batch += steps
@@ -286,6 +286,8 @@ STAGE2_SHARE = 0.3  # its updates, as a share of cfg.sft_steps (1,200 for reader
 STAGE2_ALL_STEPS = 4  # one generated world in 4 gives its plan and final steps too, the others answers only
 STAGE2_LR = 1e-3
 STAGE2_WARMUP = 50
+STAGE1_FIELDS = ("arch", "seed", "sft_steps", "sft_lr", "sft_batch", "warmup_steps", "micro_batch", "show_k",
+                 "experts", "weight_decay", "optimizer")  # what stage 1's weights depend on
 
 
 def induction_sequences(token_ids: list[int], rng: random.Random, n: int) -> list[list[int]]:
@@ -330,7 +332,7 @@ def train_reader(cfg: Config) -> Path:
     prompts = compact_prompts(cfg)
     photos = photo_files(Path(cfg.model_cache) / "reader-photos")
     log = out.with_name(out.name + ".log.jsonl")
-    first = Path(cfg.model_cache) / f"reader-stage1-{cfg.arch}-seed{cfg.seed}-{cfg.sft_steps}"
+    first = stage1_folder(cfg)
     if (first / "config.json").exists():
         print(f"stage 1: reusing {first} ({(first / 'model.safetensors.sha256').read_text().split()[0]})")
         write_jsonl(log, [row for row in (read_jsonl(log) if log.exists() else []) if row.get("stage", 1) == 1])
@@ -344,6 +346,13 @@ def train_reader(cfg: Config) -> Path:
                 STAGE2_WARMUP, lambda step: stage2_update(policy, optimizer, cfg, prompts, photos, step))
     save_reader(policy, out)
     return out
+
+
+def stage1_folder(cfg: Config) -> Path:
+    """Where stage 1 is kept: named by every field it depends on, so a changed one retrains it."""
+    fields = {name: getattr(cfg, name) for name in STAGE1_FIELDS}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.model_cache) / f"reader-stage1-{cfg.arch}-seed{cfg.seed}-{digest}"
 
 
 def train_stage1(cfg: Config, prompts, photos, log: Path) -> more.Policy:

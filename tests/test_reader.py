@@ -86,6 +86,10 @@ def test_a_short_reader_run_writes_a_model_with_its_checksum_and_log(tmp_path, m
     assert "stage 1: reusing" in capsys.readouterr().out
     assert logged()[0] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == digest
+    shutil.rmtree(out)  # a field stage 1 depends on changed: stage 1 is trained again, not reused
+    reader.main(args + ["--sft_lr", "0.001"])
+    assert "stage 1: reusing" not in capsys.readouterr().out
+    assert logged()[0] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
 
 
 def test_stage2_retrieval_puts_look_alike_names_after_the_evidence():
