@@ -53,6 +53,7 @@ TOWNS_PER_WORLD = 12  # a generated world: small, so that a step's other passage
 PHOTOS = 16  # question photos on disk; their content is the image expert's business, not the reader's
 UNKNOWN = "unknown"  # the sub-answer when the passages shown do not hold it
 COPY_TASK = -1  # the `trajectory` of a copy-task step (it belongs to none)
+SYLLABLES_LONGEST_FIRST = sorted(world.SYLLABLES, key=len, reverse=True)  # a name's first syllable: the longest match
 
 # ----------------------------------------------------------------------------------------------
 # Generated worlds with simulated retrieval
@@ -110,8 +111,7 @@ class GeneratedWorld:
 
 def looks_like(name: str, entities: list[str]) -> bool:
     """Whether a word of `name` starts with the first syllable of an entity (Holistsol, Holbelmor)."""
-    firsts = [next(s for s in sorted(world.SYLLABLES, key=len, reverse=True) if e.lower().startswith(s))
-              for e in entities]
+    firsts = [next(s for s in SYLLABLES_LONGEST_FIRST if e.lower().startswith(s)) for e in entities]
     return any(word.lower().startswith(f) for word in name.split() for f in firsts)
 
 
@@ -250,7 +250,8 @@ def example_batch(cfg, prompts, photos, seed: int, copy_share: float = 0.0, hard
     n_copy = round(copy_share * cfg.sft_batch)
     batch, world_seed = copy_examples(random.Random(seed), n_copy, prompts, hard), seed
     while len(batch) < cfg.sft_batch:
-        steps = step_examples(GeneratedWorld(world_seed, look_alikes=stage == 2), prompts, photos, cfg, every_hop=stage == 2)
+        w = GeneratedWorld(world_seed, look_alikes=stage == 2)
+        steps = step_examples(w, prompts, photos, cfg, every_hop=stage == 2)
         if stage == 2 and world_seed % STAGE2_ALL_STEPS:
             steps = [s for s in steps if s.kind == "answer"]
         batch += steps
@@ -340,7 +341,7 @@ def train_reader(cfg: Config) -> Path:
         write_jsonl(log, [])
         save_reader(train_stage1(cfg, prompts, photos, log), first)
     torch.manual_seed(cfg.seed + 1)
-    policy = load_trainable(cfg, first)
+    policy = load_trainable(cfg, first)  # from disk either way: a reused stage 1 gives the same stage 2
     optimizer, _ = make_optimizer(policy, cfg, "sft")
     run_updates(policy, optimizer, cfg, prompts, photos, log, 2, round(STAGE2_SHARE * cfg.sft_steps), STAGE2_LR,
                 STAGE2_WARMUP, lambda step: stage2_update(policy, optimizer, cfg, prompts, photos, step))
