@@ -214,6 +214,29 @@ def test_one_update_raises_positive_and_lowers_negative_advantage_completions(po
     assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
 
 
+def test_the_update_gradient_does_not_depend_on_how_samples_are_cut_into_micro_batches(tiny_cfg):
+    """policy_update sorts rows by length before cutting micro-batches; the summed gradient must be
+    the one of the whole batch in one forward, with KL and padding of unlike lengths in play."""
+    import more
+    import rollout
+    policy = more.load_policy(tiny_cfg)
+    system = protocol.plan_system_prompt([("Text Retriever", "passages")])
+    questions = ["q?", "a much longer origin question with many words in it?", "mid length q?", "x y?"]
+    prompts = [more.encode_prompt(policy.processor, protocol.render_prompt(system, f"Origin question: {q}", False))
+               for q in questions]
+    torch.manual_seed(0)
+    completions = more.sample(policy, prompts, "plan", 8)
+    samples = [sg.Sample(rollout.Step("plan", p.ids, c.ids, c.logprobs, c.text, True), None, a)
+               for p, c, a in zip(prompts, completions, [1.0, -0.5, 0.0, 2.0])]
+    grads = []
+    for micro_batch in (4, 1):
+        optimizer, _ = sg.make_optimizer(policy, Config(lr=0.0), "grpo")
+        sg.policy_update(policy, optimizer, samples, Config(beta=0.3, micro_batch=micro_batch, max_grad_norm=1e9))
+        grads.append(torch.cat([p.grad.flatten() for p in sg._trainable(policy)]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
 def test_zero_advantage_with_kl_moves_the_policy_back_toward_the_reference(policy_and_samples):
     import more
     import rollout
