@@ -182,18 +182,24 @@ def test_plan_reward_rules():
 # ----------------------------------------------------------------------------------- the direction
 
 
+def sampled_plan_steps(policy, questions: list[str], max_new_tokens: int, experts) -> list:
+    """One sampled plan step (seed 0) for each origin question, as rollout records it."""
+    import more
+    import rollout
+    system = protocol.plan_system_prompt(experts)
+    prompts = [more.encode_prompt(policy.processor, protocol.render_prompt(system, f"Origin question: {q}", False))
+               for q in questions]
+    torch.manual_seed(0)
+    completions = more.sample(policy, prompts, "plan", max_new_tokens)
+    return [rollout.Step("plan", p.ids, c.ids, c.logprobs, c.text, True) for p, c in zip(prompts, completions)]
+
+
 @pytest.fixture
 def policy_and_samples(tiny_cfg):
     import more
-    import rollout
     policy = more.load_policy(tiny_cfg)
-    system = protocol.plan_system_prompt([("Text Retriever", "passages"), ("Table Retriever", "tables")])
-    prompts = [more.encode_prompt(policy.processor, protocol.render_prompt(system, f"Origin question: q{i}?", False))
-               for i in range(4)]
-    torch.manual_seed(0)
-    completions = more.sample(policy, prompts, "plan", 10)
-    steps = [rollout.Step("plan", p.ids, c.ids, c.logprobs, c.text, True) for p, c in zip(prompts, completions)]
-    return policy, steps
+    experts = [("Text Retriever", "passages"), ("Table Retriever", "tables")]
+    return policy, sampled_plan_steps(policy, [f"q{i}?" for i in range(4)], 10, experts)
 
 
 def sequence_logprobs(policy, steps):
@@ -218,16 +224,10 @@ def test_the_update_gradient_does_not_depend_on_how_samples_are_cut_into_micro_b
     """policy_update sorts rows by length before cutting micro-batches; the summed gradient must be
     the one of the whole batch in one forward, with KL and padding of unlike lengths in play."""
     import more
-    import rollout
     policy = more.load_policy(tiny_cfg)
-    system = protocol.plan_system_prompt([("Text Retriever", "passages")])
     questions = ["q?", "a much longer origin question with many words in it?", "mid length q?", "x y?"]
-    prompts = [more.encode_prompt(policy.processor, protocol.render_prompt(system, f"Origin question: {q}", False))
-               for q in questions]
-    torch.manual_seed(0)
-    completions = more.sample(policy, prompts, "plan", 8)
-    samples = [sg.Sample(rollout.Step("plan", p.ids, c.ids, c.logprobs, c.text, True), None, a)
-               for p, c, a in zip(prompts, completions, [1.0, -0.5, 0.0, 2.0])]
+    steps = sampled_plan_steps(policy, questions, 8, [("Text Retriever", "passages")])
+    samples = [sg.Sample(step, None, a) for step, a in zip(steps, [1.0, -0.5, 0.0, 2.0])]
     grads = []
     for micro_batch in (4, 1):
         optimizer, _ = sg.make_optimizer(policy, Config(lr=0.0), "grpo")
