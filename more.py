@@ -17,6 +17,7 @@ import torch
 
 from checkpoint import MANIFEST, latest_checkpoint, verify_manifest
 from config import UserError
+from decode import Decoder
 from experts import read_image
 from presets import materialize_random_model
 from protocol import CLOSING_TAG
@@ -322,6 +323,16 @@ def _truncate(logp: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     return logp
 
 
+def _inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row from unnormalised `probs`: the first token whose cumulative mass exceeds a
+    uniform draw. The same distribution as torch.multinomial, for one random number per row
+    instead of one per vocabulary entry (multinomial was most of the draw's time on a CPU). A
+    token of zero mass adds no width to the cumulative sum, so it is never drawn."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+
+
 def _draw(logits, suppress: torch.Tensor, temperature: float, top_p: float, top_k: int, banned=None):
     """One token per row and its log-prob under the policy: vision tokens suppressed, logits divided
     by the temperature (as in token_logprobs). Greedy at temperature 0. `banned` tokens are never
@@ -330,7 +341,7 @@ def _draw(logits, suppress: torch.Tensor, temperature: float, top_p: float, top_
     logp = torch.log_softmax(logits / _logit_scale(temperature), dim=-1)
     pick = logp if banned is None else logp.index_fill(1, banned, float("-inf"))
     if temperature > 0:
-        token = torch.multinomial(_truncate(pick, top_p, top_k).exp(), 1)[:, 0]
+        token = _inverse_cdf(_truncate(pick, top_p, top_k).exp())
     else:
         token = pick.argmax(-1)
     return token, logp.gather(1, token[:, None])[:, 0]
@@ -345,30 +356,38 @@ def sample(policy: Policy, prompts: list[EncodedPrompt], kind: str | None, max_n
     `max_new_tokens` tokens per row (end of turn never drawn: fixed-size benchmark work).
     `temperature=0` decodes greedily, token for token as `generate` would. Every sampling parameter
     is explicit: nothing comes from a checkpoint's generation config (docs/PROTOCOL.md, trap 3).
-    For several samples of a prompt, repeat it.
+    For several samples of a prompt, repeat it: repeats of one object are prefilled once.
     """
-    tok, core = policy.tokenizer, _core(policy.model)
+    tok = policy.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    inputs, _ = collate(prompts, [[] for _ in prompts], tok.pad_token_id, tok.convert_tokens_to_ids("<|image_pad|>"))
-    inputs = _to(inputs, policy.device, _compute_dtype(policy.model))
     suppress = torch.tensor(policy.suppress_ids, dtype=torch.long, device=policy.device)
     banned = None if kind else torch.tensor([eos], device=policy.device)
     stopper = _StopAtTag(tok, 0, CLOSING_TAG[kind], eos) if kind else None
-    positions, deltas = _prompt_positions(core, inputs)
-    mask = inputs["attention_mask"]
-    out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-    tokens, logps = [], []
+    logits, decoder = _prefill(policy, prompts, max_new_tokens)
+    tokens = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long, device=policy.device)
+    logps = torch.zeros(len(prompts), max_new_tokens, device=policy.device)
     for step in range(max_new_tokens):
-        token, logp = _draw(out.logits[:, -1], suppress, temperature, top_p, top_k, banned)
-        tokens.append(token)
-        logps.append(logp)
-        if step == max_new_tokens - 1 or (stopper and stopper(torch.stack(tokens, 1)).all()):
+        tokens[:, step], logps[:, step] = _draw(logits, suppress, temperature, top_p, top_k, banned)
+        if step == max_new_tokens - 1 or (stopper and stopper(tokens[:, :step + 1]).all()):
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        text = mask.sum(-1, keepdim=True) - 1  # each row's next text position
-        out = core(input_ids=token[:, None], attention_mask=mask, use_cache=True, past_key_values=out.past_key_values,
-                   position_ids=torch.cat([text[None], (text + deltas)[None].expand(3, -1, -1)]), logits_to_keep=1)
-    return _completions(tok, torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu(), stopper)
+        logits = decoder.logits(tokens[:, step])
+    return _completions(tok, tokens[:, :step + 1].cpu(), logps[:, :step + 1].cpu(), stopper)
+
+
+def _prefill(policy: Policy, prompts: list[EncodedPrompt], max_new_tokens: int) -> tuple[torch.Tensor, Decoder]:
+    """The model's forward over the distinct prompts (images, M-RoPE): the logits of each row's first
+    token (B, V), and a Decoder holding every row's key/value cache for what follows."""
+    tok, core = policy.tokenizer, _core(policy.model)
+    first = {}  # a GRPO group repeats one prompt G times: its prefill is run once and shared
+    rows = torch.tensor([first.setdefault(id(p), len(first)) for p in prompts], device=policy.device)
+    distinct = list({id(p): p for p in prompts}.values())
+    inputs, _ = collate(distinct, [[] for _ in distinct], tok.pad_token_id, tok.convert_tokens_to_ids("<|image_pad|>"))
+    inputs = _to(inputs, policy.device, _compute_dtype(policy.model))
+    positions, deltas = _prompt_positions(core, inputs)
+    out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    mask = inputs["attention_mask"]
+    decoder = Decoder(core, out.past_key_values, mask, mask.sum(-1) + deltas[:, 0], rows, max_new_tokens)
+    return out.logits[rows, -1], decoder
 
 
 def _completions(tok, ids: torch.Tensor, logps: torch.Tensor, stopper) -> list[Completion]:
@@ -404,12 +423,7 @@ def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor, 
     core = _core(policy.model)
     inputs = _to(inputs, policy.device, _compute_dtype(policy.model))
     completion_mask = completion_mask.to(policy.device)
-    hidden = core.model(**inputs, use_cache=False).last_hidden_state
-    # Position t predicts token t+1: score hidden[t] against input_ids[t+1] where t+1 is a completion.
-    predicts = torch.zeros_like(completion_mask)
-    predicts[:, :-1] = completion_mask[:, 1:]
-    targets = inputs["input_ids"][:, 1:][completion_mask[:, 1:]]
-    selected = hidden[predicts]
+    selected, targets = _completion_states(core, inputs, completion_mask)
     scale = _logit_scale(temperature)
     logps, entropies = [], []
     for start in range(0, selected.shape[0], chunk_rows):
@@ -428,6 +442,103 @@ def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor, 
         if with_entropy:
             entropy = entropy.masked_scatter(completion_mask, torch.cat(entropies))
     return (out, entropy) if with_entropy else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared prompts. A GRPO group is G completions of one prompt; in a teacher-forced forward the
+# prompt's hidden states are the same in every copy, so they are computed once. The group's row is
+# [prompt][completion 1]...[completion G], and an attention mask lets each completion see the
+# prompt and its own earlier tokens only, at the positions it would have in a row of its own. The
+# log-probs equal those of one row per sample (tests/test_more.py) for about 1/G of the prompt's
+# work, in the policy forward, its backward and the reference forward alike.
+
+def _completion_states(core, inputs: dict, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden state that predicts each completion token (N, hidden), and that token (N,),
+    in the row-major order of `completion_mask`."""
+    groups = _prompt_groups(core, inputs, completion_mask)
+    if len(groups) == len(completion_mask):  # no prompt repeats: one row per sample
+        hidden = core.model(**inputs, use_cache=False).last_hidden_state
+        predicts = torch.zeros_like(completion_mask)  # position t predicts token t+1
+        predicts[:, :-1] = completion_mask[:, 1:]
+        return hidden[predicts], inputs["input_ids"][:, 1:][completion_mask[:, 1:]]
+    packed, reads = _pack(core, inputs, completion_mask, groups)
+    hidden = core.model(**packed, use_cache=False).last_hidden_state
+    return hidden.flatten(0, 1)[reads], inputs["input_ids"][completion_mask]
+
+
+def _images_by_row(core, inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each row's (pixel_values, image_grid_thw) rows, in the order `collate` concatenated them."""
+    counts = (inputs["input_ids"] == core.config.image_token_id).sum(1).tolist()
+    if "image_grid_thw" not in inputs:
+        return [None] * len(counts)
+    grids, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
+    patches = grids.prod(-1).tolist()
+    tokens = [n // core.config.vision_config.spatial_merge_size ** 2 for n in patches]
+    out, image, patch = [], 0, 0
+    for count in counts:
+        first_image, first_patch = image, patch
+        while count > 0:
+            count, patch, image = count - tokens[image], patch + patches[image], image + 1
+        out.append((pixels[first_patch:patch], grids[first_image:image]) if image > first_image else None)
+    return out
+
+
+def _prompt_groups(core, inputs: dict, completion_mask: torch.Tensor) -> list[list[int]]:
+    """Rows with the same prompt ids and the same image pixels, in order of first appearance."""
+    prompt = inputs["attention_mask"].bool() & ~completion_mask
+    images = _images_by_row(core, inputs)
+    same_image = lambda a, b: (a is None and b is None) or (
+        a is not None and b is not None and all(torch.equal(x, y) for x, y in zip(a, b)))
+    groups, by_ids = [], {}
+    for row in range(len(completion_mask)):
+        ids = tuple(inputs["input_ids"][row][prompt[row]].tolist())
+        match = [g for g in by_ids.get(ids, []) if same_image(images[groups[g][0]], images[row])]
+        if match:
+            groups[match[0]].append(row)
+        else:
+            by_ids.setdefault(ids, []).append(len(groups))
+            groups.append([row])
+    return groups
+
+
+def _pack(core, inputs: dict, completion_mask: torch.Tensor, groups: list[list[int]]) -> tuple[dict, torch.Tensor]:
+    """One left-padded row per group: the model inputs, with positions and a 4-D attention mask,
+    and for each completion token the flat index of the position whose hidden state predicts it."""
+    ids, device = inputs["input_ids"], inputs["input_ids"].device
+    prompt, images = inputs["attention_mask"].bool() & ~completion_mask, _images_by_row(core, inputs)
+    heads = [EncodedPrompt(ids[g[0]][prompt[g[0]]].tolist(), *(images[g[0]] or (None, None))) for g in groups]
+    tails = [[t for row in g for t in ids[row][completion_mask[row]].tolist()] for g in groups]
+    pad_id = 0 if core.config.image_token_id != 0 else 1  # under the mask: any id but the image token's
+    packed, _ = collate(heads, tails, pad_id, core.config.image_token_id)
+    packed = _to(packed, device, inputs["pixel_values"].dtype if "pixel_values" in inputs else None)
+    positions, deltas = _prompt_positions(core, packed)
+    width = packed["input_ids"].shape[1]
+    segment = torch.full((len(groups), width), -1, dtype=torch.long, device=device)  # -1 pad, 0 prompt, i completion i
+    reads = {}
+    for g, (group, head) in enumerate(zip(groups, heads)):
+        prompt_end = width - len(tails[g]) - 1  # the prompt's last position predicts every first token
+        segment[g, prompt_end + 1 - len(head.ids):prompt_end + 1] = 0
+        column = prompt_end + 1
+        for i, row in enumerate(group, 1):
+            n = int(completion_mask[row].sum())
+            text = len(head.ids) + torch.arange(n, device=device)  # as if it followed the prompt alone
+            positions[:, g, column:column + n] = torch.stack([text, *(text + deltas[g],) * 3])
+            segment[g, column:column + n] = i
+            reads[row] = g * width + torch.cat([torch.tensor([prompt_end], device=device),
+                                                column + torch.arange(n - 1, device=device)])[:n]
+            column += n
+    mask = {"full_attention": _segment_mask(segment)}
+    return {**packed, "position_ids": positions, "attention_mask": mask}, torch.cat([reads[r] for r in sorted(reads)])
+
+
+def _segment_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(R, 1, W, W) bool: a query sees earlier keys of the prompt (segment 0) and of its own segment.
+    Padding sees only itself, so that no softmax row is empty."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+    key, query = segment[:, None, :], segment[:, :, None]
+    visible = causal & (key >= 0) & ((key == 0) | (key == query))
+    return (visible | torch.eye(width, dtype=torch.bool, device=segment.device))[:, None]
 
 
 @torch.no_grad()

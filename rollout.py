@@ -161,9 +161,14 @@ def policy_sampler(policy: more.Policy, cfg) -> Sampler:
 
     def sample(prompts: list[StepPrompt], kind: str):
         with phase("prompt encoding"):
-            encoded = [more.encode_prompt(policy.processor,
-                                          protocol.render_prompt(p.system, p.user, p.image is not None), p.image)
-                       for p in prompts]
+            # Equal prompts (a group's shared first plan; steps mode's G copies) are encoded once,
+            # and more.sample prefills each encoded object once.
+            distinct = {}
+            for p in prompts:
+                if (p.system, p.user, p.image) not in distinct:
+                    distinct[p.system, p.user, p.image] = more.encode_prompt(
+                        policy.processor, protocol.render_prompt(p.system, p.user, p.image is not None), p.image)
+            encoded = [distinct[p.system, p.user, p.image] for p in prompts]
         with phase("generation"):
             completions = more.sample(policy, encoded, kind, budgets[kind], cfg.temperature, cfg.top_p, cfg.top_k)
         return [(e.ids, c) for e, c in zip(encoded, completions)]

@@ -291,3 +291,35 @@ def test_greedy_decoding_equals_generate_token_for_token(shared_policy):
             assert completion.ids == reference[row, :n].tolist()
             assert n == budget or kind  # fixed-size work runs to the budget
             assert torch.allclose(torch.tensor(completion.logprobs), expected[row, :n], atol=1e-5, rtol=0)
+
+
+def test_rows_sharing_a_prompt_get_the_log_probs_and_gradient_of_rows_of_their_own(tiny_cfg):
+    """token_logprobs runs a prompt repeated in the batch once, completions packed after it under
+    a segment mask (more._pack); each row computed alone (no repeats: the plain forward) is the
+    reference. Image and text-only groups, ragged completions, a one-token completion."""
+    policy = more.load_policy(tiny_cfg)
+    with torch.no_grad():  # a nonzero LoRA, so that the adapter's gradient flows through the prompt
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    image, text, other = mixed_batch(policy)[:3]
+    prompts = [image, text, image, other, text, image]
+    completions = [[40, 41, 42], [43, 44], [45], [46, 47, 48, 49], [50, 51, 52, 53, 54], [55, 56]]
+    policy.model.train()
+    inputs, mask = batch_tensors(policy, prompts, completions)
+    shared = more.token_logprobs(policy, inputs, mask)
+    shared.sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    policy.model.zero_grad()
+    alone = []
+    for prompt, completion in zip(prompts, completions):
+        row_inputs, row_mask = batch_tensors(policy, [prompt], [completion])
+        logp = more.token_logprobs(policy, row_inputs, row_mask)
+        logp.sum().backward()
+        alone.append(logp[row_mask].detach())
+    for row, expected in enumerate(alone):
+        assert torch.allclose(shared[row][mask[row]].detach(), expected, atol=1e-5, rtol=0)
+    for name, p in policy.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+    assert len(more._prompt_groups(more._core(policy.model), inputs, mask)) == 3
