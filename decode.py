@@ -5,11 +5,12 @@ attention mask, rotary tables recomputed for three position streams, output reco
 forward hooks of every peft and bitsandbytes layer. For a small model that fixed cost, not the
 arithmetic, is most of a step (docs/RESULTS.md, "Speed"). `Decoder` does the arithmetic and nothing
 else: the operations of Qwen2_5_VLDecoderLayer (transformers 5.x) and of peft's LoRA layer, in their
-order, on plain tensors, with a key/value cache allocated once for the whole completion. So its
-logits equal those of the model's own forward: tests/test_decode.py checks them to the bit, and
-tests/test_more.py checks greedy output against `generate` token for token.
+order, on plain tensors, with a key/value cache allocated once for the whole completion.
+tests/test_more.py checks greedy output against `generate` token for token and the sampled
+log-probs against the training forward's; tests/test_decode.py checks each linear layer against
+peft's.
 
-Two facts make the step short:
+Three facts make the step short:
 - After the prompt, the three M-RoPE streams (time, height, width) of a new token share one position
   (the text position plus the row's image offset), and M-RoPE at equal positions is plain RoPE: one
   cos/sin table lookup per step.
@@ -17,9 +18,12 @@ Two facts make the step short:
   (`gemm_4bit`'s default kernel), on every call. The weights do not change while a batch is
   sampled, so the decoder dequantises each one once, with the same kernels, and multiplies by that.
   On a GPU the 4-bit layers stay 4-bit and run through bitsandbytes (their memory is the point).
+- A LoRA branch held in fp32 next to an fp32 weight is folded into it (W + s·BA), one product instead
+  of three; the outputs differ by float32 rounding. In bf16 the branch stays apart: folding would
+  round the sum to bf16 and move the sampled log-probs away from the training ones.
 
-The prompt itself (images, vision tower, M-RoPE over the image grid) still goes through the model:
-`Decoder.from_prefill` takes the key/value cache the model's forward returned.
+The prompt itself (images, vision tower, M-RoPE over the image grid) still goes through the model;
+`Decoder` starts from the key/value cache that forward returned.
 """
 from dataclasses import dataclass
 
@@ -59,12 +63,12 @@ def _plain_linear(module) -> Linear:
     if hasattr(weight, "quant_state"):
         if weight.device.type != "cpu":
             return Linear(None, None, base, lora_a, lora_b, scaling)
+        # Imported here, as more.py imports transformers' quantisation: on an AVX-512 CPU importing
+        # bitsandbytes logs a warning, which would break every command's one-line error.
         import bitsandbytes.functional as bnbf
         weight = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(base.compute_dtype)
         bias = None if bias is None else bias.to(base.compute_dtype)
-    if lora_a is not None and weight.dtype == lora_a.dtype == torch.float32:
-        # Folded into the weight: one product instead of three. In fp32 the two differ by float
-        # rounding (~1e-7 relative); in bf16 folding would round W + sBA to bf16, so there the branch stays.
+    if lora_a is not None and weight.dtype == lora_a.dtype == torch.float32:  # folded (module docstring)
         return Linear(weight + (lora_b @ lora_a) * scaling, bias, None, None, None, 0.0)
     return Linear(weight, bias, None, lora_a, lora_b, scaling)
 
