@@ -170,15 +170,18 @@ def policy_update(policy, optimizer, samples: list[Sample], cfg) -> dict:
     has loss max(−0·ρ, −0·clip(ρ)) = 0: it adds nothing to the gradient, only its tokens to the
     denominator. Such samples are counted in the shares but not run through the model, which is
     exact and saves most of an update while a step kind has no reward signal (a zero-variance group).
-    Micro-batches are cut from the samples sorted by length: the sum is the same in any order, and
-    rows of like length waste little on padding (plan rows are about half as long as answer rows).
+    Micro-batches are cut from the samples sorted by prompt length, then prompt, then completion
+    length: the sum is the same in any order, rows of like length waste little on padding (plan
+    rows are about half as long as answer rows), and a group's copies of one prompt fall into one
+    micro-batch, where the forward runs that prompt once (more.token_logprobs).
     """
     samples = [s for s in samples if s.step.completion_ids]
     if not samples:
         return {}
     weights = [len(s.step.completion_ids) if cfg.aggregation == "token" else 1 for s in samples]
     carries_gradient = sorted((i for i, s in enumerate(samples) if s.advantage != 0 or cfg.beta or cfg.entropy_coef),
-                              key=lambda i: len(samples[i].step.prompt_ids) + len(samples[i].step.completion_ids))
+                              key=lambda i: (len(samples[i].step.prompt_ids), samples[i].step.prompt_ids,
+                                             len(samples[i].step.completion_ids)))
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
     parts = []
