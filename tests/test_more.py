@@ -323,3 +323,19 @@ def test_rows_sharing_a_prompt_get_the_log_probs_and_gradient_of_rows_of_their_o
         if p.requires_grad:
             assert torch.allclose(grads[name], p.grad, atol=1e-5, rtol=1e-4), name
     assert len(more._prompt_groups(more._core(policy.model), inputs, mask)) == 3
+
+
+def test_draws_follow_the_truncated_distribution_and_never_pick_a_suppressed_token():
+    """more._draw samples by inverse CDF: the frequencies of 40,000 draws match the softmax after
+    top-k / top-p truncation, and a token of zero mass (suppressed, or cut by top-p) never comes."""
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03, 0.0]])).expand(40_000, -1)
+    suppress = torch.tensor([1])
+    for top_p, expected in ((1.0, [0.5 / 0.75, 0, 0.15 / 0.75, 0.07 / 0.75, 0.03 / 0.75, 0]),
+                            (0.9, [0.5 / 0.72, 0, 0.15 / 0.72, 0.07 / 0.72, 0, 0])):
+        tokens, logp = more._draw(logits, suppress, 1.0, top_p, 0, None)
+        freq = torch.bincount(tokens, minlength=6).double() / len(tokens)
+        assert torch.allclose(freq, torch.tensor(expected, dtype=torch.double), atol=0.01), (top_p, freq)
+        assert freq[1] == 0 and freq[5] == 0
+        assert torch.allclose(logp, torch.log_softmax(logits.index_fill(1, suppress, float("-inf")), -1)
+                              .gather(1, tokens[:, None])[:, 0])  # the policy's log-prob, before truncation
