@@ -269,9 +269,12 @@ def test_train_lm_head_trains_a_copy_and_keeps_the_reference_exact(tiny_cfg):
 
 def test_greedy_decoding_equals_generate_token_for_token(shared_policy):
     """The hand-written decode loop against transformers' `generate` (a trusted implementation of
-    the KV cache and M-RoPE positions), greedy, on image and text-only prompts with left padding."""
+    the KV cache and M-RoPE positions), greedy, on image and text-only prompts with left padding.
+    Two prompts come twice (the same objects, as a GRPO group repeats them): those are prefilled once
+    and their cache shared."""
     from transformers import GenerationConfig
     prompts = mixed_batch(shared_policy)
+    prompts = prompts + prompts[:2]
     tok = shared_policy.tokenizer
     inputs, _ = batch_tensors(shared_policy, prompts, [[] for _ in prompts])
     for kind, budget in (("plan", 40), (None, 24)):
