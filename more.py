@@ -457,13 +457,14 @@ def token_logprobs(policy: Policy, inputs: dict, completion_mask: torch.Tensor, 
 def _completion_states(core, inputs: dict, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The last hidden state that predicts each completion token (N, hidden), and that token (N,),
     in the row-major order of `completion_mask`."""
-    groups = _prompt_groups(core, inputs, completion_mask)
+    images = _images_by_row(core, inputs)
+    groups = _prompt_groups(inputs, completion_mask, images)
     if len(groups) == len(completion_mask):  # no prompt repeats: one row per sample
         hidden = core.model(**inputs, use_cache=False).last_hidden_state
         predicts = torch.zeros_like(completion_mask)  # position t predicts token t+1
         predicts[:, :-1] = completion_mask[:, 1:]
         return hidden[predicts], inputs["input_ids"][:, 1:][completion_mask[:, 1:]]
-    packed, reads = _pack(core, inputs, completion_mask, groups)
+    packed, reads = _pack(core, inputs, completion_mask, groups, images)
     hidden = core.model(**packed, use_cache=False).last_hidden_state
     return hidden.flatten(0, 1)[reads], inputs["input_ids"][completion_mask]
 
@@ -485,10 +486,9 @@ def _images_by_row(core, inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]
     return out
 
 
-def _prompt_groups(core, inputs: dict, completion_mask: torch.Tensor) -> list[list[int]]:
+def _prompt_groups(inputs: dict, completion_mask: torch.Tensor, images: list) -> list[list[int]]:
     """Rows with the same prompt ids and the same image pixels, in order of first appearance."""
     prompt = inputs["attention_mask"].bool() & ~completion_mask
-    images = _images_by_row(core, inputs)
     same_image = lambda a, b: (a is None and b is None) or (
         a is not None and b is not None and all(torch.equal(x, y) for x, y in zip(a, b)))
     groups, by_ids = [], {}
@@ -503,11 +503,12 @@ def _prompt_groups(core, inputs: dict, completion_mask: torch.Tensor) -> list[li
     return groups
 
 
-def _pack(core, inputs: dict, completion_mask: torch.Tensor, groups: list[list[int]]) -> tuple[dict, torch.Tensor]:
+def _pack(core, inputs: dict, completion_mask: torch.Tensor, groups: list[list[int]],
+          images: list) -> tuple[dict, torch.Tensor]:
     """One left-padded row per group: the model inputs, with positions and a 4-D attention mask,
     and for each completion token the flat index of the position whose hidden state predicts it."""
     ids, device = inputs["input_ids"], inputs["input_ids"].device
-    prompt, images = inputs["attention_mask"].bool() & ~completion_mask, _images_by_row(core, inputs)
+    prompt = inputs["attention_mask"].bool() & ~completion_mask
     heads = [EncodedPrompt(ids[g[0]][prompt[g[0]]].tolist(), *(images[g[0]] or (None, None))) for g in groups]
     tails = [[t for row in g for t in ids[row][completion_mask[row]].tolist()] for g in groups]
     pad_id = 0 if core.config.image_token_id != 0 else 1  # under the mask: any id but the image token's
@@ -524,13 +525,14 @@ def _pack(core, inputs: dict, completion_mask: torch.Tensor, groups: list[list[i
         for i, row in enumerate(group, 1):
             n = int(completion_mask[row].sum())
             text = len(head.ids) + torch.arange(n, device=device)  # as if it followed the prompt alone
-            positions[:, g, column:column + n] = torch.stack([text, *(text + deltas[g],) * 3])
+            positions[0, g, column:column + n] = text
+            positions[1:, g, column:column + n] = text + deltas[g]  # the three M-RoPE streams
             segment[g, column:column + n] = i
-            reads[row] = g * width + torch.cat([torch.tensor([prompt_end], device=device),
-                                                column + torch.arange(n - 1, device=device)])[:n]
+            reads[row] = [g * width + c for c in [prompt_end, *range(column, column + n - 1)][:n]]
             column += n
     mask = {"full_attention": _segment_mask(segment)}
-    return {**packed, "position_ids": positions, "attention_mask": mask}, torch.cat([reads[r] for r in sorted(reads)])
+    order = [index for row in sorted(reads) for index in reads[row]]
+    return {**packed, "position_ids": positions, "attention_mask": mask}, torch.tensor(order, device=device)
 
 
 def _segment_mask(segment: torch.Tensor) -> torch.Tensor:

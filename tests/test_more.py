@@ -325,7 +325,7 @@ def test_rows_sharing_a_prompt_get_the_log_probs_and_gradient_of_rows_of_their_o
     for name, p in policy.model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(grads[name], p.grad, atol=1e-5, rtol=1e-4), name
-    assert len(more._prompt_groups(more._core(policy.model), inputs, mask)) == 3
+    assert len(more._prompt_groups(inputs, mask, more._images_by_row(more._core(policy.model), inputs))) == 3
 
 
 def test_draws_follow_the_truncated_distribution_and_never_pick_a_suppressed_token():
