@@ -306,8 +306,12 @@ def test_rows_sharing_a_prompt_get_the_log_probs_and_gradient_of_rows_of_their_o
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(name) % 2**31))
     image, text, other = mixed_batch(policy)[:3]
-    prompts = [image, text, image, other, text, image]
-    completions = [[40, 41, 42], [43, 44], [45], [46, 47, 48, 49], [50, 51, 52, 53, 54], [55, 56]]
+    # The same text and image-token count as `image`, another picture: a group of its own.
+    lookalike = more.encode_prompt(policy.processor, protocol.render_prompt(
+        protocol.plan_system_prompt(EXPERTS), "Origin question: what is pictured here?", True), random_image(5))
+    assert lookalike.ids == image.ids
+    prompts = [image, text, image, other, text, lookalike, image]
+    completions = [[40, 41, 42], [43, 44], [45], [46, 47, 48, 49], [50, 51, 52, 53, 54], [57, 58, 59], [55, 56]]
     policy.model.train()
     inputs, mask = batch_tensors(policy, prompts, completions)
     shared = more.token_logprobs(policy, inputs, mask)
@@ -325,7 +329,7 @@ def test_rows_sharing_a_prompt_get_the_log_probs_and_gradient_of_rows_of_their_o
     for name, p in policy.model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(grads[name], p.grad, atol=1e-5, rtol=1e-4), name
-    assert len(more._prompt_groups(inputs, mask, more._images_by_row(more._core(policy.model), inputs))) == 3
+    assert len(more._prompt_groups(inputs, mask, more._images_by_row(more._core(policy.model), inputs))) == 4
 
 
 def test_draws_follow_the_truncated_distribution_and_never_pick_a_suppressed_token():
