@@ -46,6 +46,16 @@ def run_config(tmp_path, world, model_cache, name, **overrides) -> Path:
     return path
 
 
+def nonzero_lora(policy, std: float = 0.05) -> None:
+    """Draw every LoRA B from N(0, std) with one seeded generator: a fresh adapter's B is zero, which
+    hides the branch (its output, and lora_A's gradient, would be zero)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std, generator=generator)
+
+
 def random_image(seed: int, size=(56, 56)):
     from PIL import Image
     pixels = np.random.RandomState(seed).randint(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)

@@ -4,6 +4,7 @@ import torch
 
 import decode
 import more
+from conftest import nonzero_lora
 
 
 def lora_layers(policy):
@@ -15,10 +16,7 @@ def lora_layers(policy):
 def trained_policy(tiny_cfg):
     """A 4-bit tiny policy with a nonzero LoRA (a fresh adapter's B is zero and hides the branch)."""
     policy = more.load_policy(tiny_cfg)
-    with torch.no_grad():
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    nonzero_lora(policy)
     policy.model.eval()
     return policy
 

@@ -8,7 +8,7 @@ import torch
 
 import more
 import protocol
-from conftest import random_image
+from conftest import nonzero_lora, random_image
 
 EXPERTS = [("Text Retriever", "encyclopedia passages"), ("Text Image Retriever", "pictures"),
            ("Table Retriever", "tables")]
@@ -301,10 +301,7 @@ def test_rows_sharing_a_prompt_get_the_log_probs_and_gradient_of_rows_of_their_o
     a segment mask (more._pack); each row computed alone (no repeats: the plain forward) is the
     reference. Image and text-only groups, ragged completions, a one-token completion."""
     policy = more.load_policy(tiny_cfg)
-    with torch.no_grad():  # a nonzero LoRA, so that the adapter's gradient flows through the prompt
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    nonzero_lora(policy)  # so that the adapter's gradient flows through the prompt
     image, text, other = mixed_batch(policy)[:3]
     # The same text and image-token count as `image`, another picture: a group of its own.
     lookalike = more.encode_prompt(policy.processor, protocol.render_prompt(
